@@ -1,0 +1,212 @@
+"""The ``stepsaver`` command line: thin wrappers that parse, call the library and print.
+
+Every command prints a Rich table for people, or exactly one JSON object on stdout with
+``--json`` for programs. A :class:`StepsaverError` (anything the user can fix) becomes one line
+on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stepsaver.errors import StepsaverError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="stepsaver: spend only the denoising steps each prompt needs.")
+err_console = Console(stderr=True)
+out_console = Console()
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table.")
+
+
+def _quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter (deprecations, type hints) off the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
+
+
+def _command(fn: Callable) -> Callable:
+    """Turn StepsaverError into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except StepsaverError as exc:
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": str(exc)}))
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _emit(payload: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(payload, default=str))
+        return
+    table = Table(title=title, show_header=False, title_justify="left")
+    for k, v in payload.items():
+        table.add_row(str(k), f"{v:.3f}" if isinstance(v, float) else str(v))
+    out_console.print(table)
+
+
+@app.command()
+@_command
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' (embedded), a hub id or a pipeline folder."),
+    steps: int = typer.Option(30, "--steps", "-n", help="Denoising steps (1..1000)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", "-s", help="Sampler name; see `stepsaver schedulers`."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g", help="Classifier-free guidance scale (>= 0)."),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale",
+                                           help="CFG rescale phi in [0, 1] (for zero-terminal-SNR models)."),
+    out: Path = typer.Option(Path("stepsaver.png"), "--out", "-o", help="Where to write the PNG."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Generate one image and report steps, denoiser calls and seconds."""
+    from stepsaver.generate import generate as run_generate
+    from stepsaver.generate import validate_request
+    from stepsaver.pipelines import SCHEDULERS, load_pipeline
+
+    validate_request(prompt, steps, guidance)  # fail fast, before loading any weights
+    if scheduler.lower().replace("-", "_") not in SCHEDULERS:
+        raise StepsaverError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if out.suffix.lower() != ".png":
+        raise StepsaverError(f"--out must be a .png path, got {out}")
+    pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    result = run_generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance,
+                          guidance_rescale=guidance_rescale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    payload = {**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}
+    _emit(payload, as_json, "generated")
+
+
+@app.command()
+@_command
+def schedulers(as_json: bool = JsonOpt) -> None:
+    """List the sampler names and the diffusers classes they map to."""
+    from stepsaver.pipelines import SCHEDULERS
+
+    payload = {k: {"class": v.cls_name, "kwargs": v.kwargs, "denoiser_calls_per_step": 2 if v.second_order else 1}
+               for k, v in SCHEDULERS.items()}
+    if as_json:
+        print(json.dumps({"schedulers": payload}))
+        return
+    table = Table("name", "diffusers class", "kwargs", "calls/step")
+    for k, v in payload.items():
+        table.add_row(k, v["class"], json.dumps(v["kwargs"]), str(v["denoiser_calls_per_step"]))
+    out_console.print(table)
+
+
+@app.command()
+@_command
+def scenes(
+    out: Path = typer.Argument(..., help="Folder to write images.npy, scenes.jsonl and grid.png into."),
+    n: int = typer.Option(1000, "--n", help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed"),
+    split: str = typer.Option("train", "--split", help="train, or eval (held-out compositions)."),
+    font: str | None = typer.Option(None, "--font", help="Colour emoji font (Noto Color Emoji)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Render captioned emoji scenes (the embedded model's data) with a preview grid."""
+    import numpy as np
+
+    from stepsaver.shrink.grid import save_grid
+    from stepsaver.shrink.scenes import load_scene_set, write_scene_set
+
+    if n <= 0:
+        raise StepsaverError(f"--n must be positive, got {n}")
+    if split not in ("train", "eval"):
+        raise StepsaverError(f"--split must be 'train' or 'eval', got {split!r}")
+    write_scene_set(out, n, seed=seed, split=split, font=font, progress=not as_json)
+    images, scs = load_scene_set(out)
+    k = min(16, n)
+    grid = save_grid(out / "grid.png", np.asarray(images[:k]), [s.caption for s in scs[:k]])
+    _emit({"scenes": n, "split": split, "seed": seed, "folder": str(out), "grid": str(grid),
+           "first_caption": scs[0].caption}, as_json, "scenes")
+
+
+@app.command("train-vae")
+@_command
+def train_vae(
+    out: Path = typer.Option(Path("runs/vae"), "--out"),
+    steps: int = typer.Option(1200, "--steps"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train the embedded model's AutoencoderKL on scenes drawn on the fly."""
+    from stepsaver.shrink.autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    if steps <= 0 or batch_size <= 0:
+        raise StepsaverError("--steps and --batch-size must be positive")
+    metrics = train_autoencoder(AutoencoderTrainConfig(out=str(out), steps=steps, batch_size=batch_size,
+                                                       lr=lr, seed=seed), resume=resume)
+    _emit({**metrics, "vae": str(out / "vae")}, as_json, "autoencoder")
+
+
+@app.command("train-model")
+@_command
+def train_model_cmd(
+    out: Path = typer.Option(Path("runs/model"), "--out"),
+    vae: Path = typer.Option(Path("runs/vae/vae"), "--vae", help="Trained AutoencoderKL folder."),
+    recipe: str = typer.Option("deci", "--recipe", help="deci (DeciDiffusion) or sd (SD-1.5-style baseline)."),
+    steps: int = typer.Option(5000, "--steps"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    scenes: int = typer.Option(40000, "--scenes", help="Training scenes to precompute."),
+    lr: float = typer.Option(4e-4, "--lr"),
+    ema_fraction: float = typer.Option(0.1, "--ema-fraction", help="Deci: EMA over the last fraction of steps."),
+    min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma"),
+    cfg_dropout: float = typer.Option(0.1, "--cfg-dropout"),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
+    cache: Path = typer.Option(Path("runs/cache"), "--cache", help="Where scenes, embeddings and moments go."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train the text-to-image UNet with the DeciDiffusion recipe (or the SD baseline)."""
+    from stepsaver.shrink.train import TrainConfig, train_model
+
+    cfg = TrainConfig(out=str(out), vae=str(vae), recipe=recipe, steps=steps, batch_size=batch_size,
+                      scenes=scenes, lr=lr, ema_fraction=ema_fraction, min_snr_gamma=min_snr_gamma,
+                      cfg_dropout=cfg_dropout, checkpoint_every=checkpoint_every, cache=str(cache), seed=seed)
+    summary = train_model(cfg, resume=resume, progress=not as_json)
+    summary.pop("history", None)
+    _emit(summary, as_json, f"trained ({recipe})")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

