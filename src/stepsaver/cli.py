@@ -191,6 +191,8 @@ def train_model_cmd(
     cache: Path = typer.Option(Path("runs/cache"), "--cache", help="Where scenes, embeddings and moments go."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                help="Stop (checkpointed, resumable) after this long."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train the text-to-image UNet with the DeciDiffusion recipe (or the SD baseline)."""
@@ -199,7 +201,7 @@ def train_model_cmd(
     cfg = TrainConfig(out=str(out), vae=str(vae), recipe=recipe, steps=steps, batch_size=batch_size,
                       scenes=scenes, lr=lr, ema_fraction=ema_fraction, min_snr_gamma=min_snr_gamma,
                       cfg_dropout=cfg_dropout, checkpoint_every=checkpoint_every, cache=str(cache), seed=seed)
-    summary = train_model(cfg, resume=resume, progress=not as_json)
+    summary = train_model(cfg, resume=resume, progress=not as_json, max_minutes=max_minutes)
     summary.pop("history", None)
     _emit(summary, as_json, f"trained ({recipe})")
 

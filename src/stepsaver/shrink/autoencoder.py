@@ -41,7 +41,7 @@ class AutoencoderTrainConfig:
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAEs use."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -109,8 +109,15 @@ def training_loss(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tens
     return (per_sample * weights).mean()
 
 
-def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> dict:
-    """Train the UNet; returns a summary (loss, steps/s, where the pipeline was written)."""
+def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
+                stop_after: int | None = None, max_minutes: float | None = None) -> dict:
+    """Train the UNet; returns a summary (loss, steps/s, where the pipeline was written).
+
+    Every step draws its batch, noise and timesteps from generators seeded by (seed, step), so a
+    run that is stopped (``stop_after`` steps or ``max_minutes``, or killed) and resumed from its
+    last checkpoint produces exactly the weights of an uninterrupted run. A stopped run saves a
+    checkpoint and exports nothing.
+    """
     from accelerate import Accelerator
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
@@ -151,15 +158,20 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True) ->
     text = data["text"]
     uncond = torch.from_numpy(data["uncond"]).float().to(device)
     scale = data["scaling_factor"]
-    rng = np.random.default_rng([cfg.seed, step])  # resumed runs continue with a fresh stream
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100003 + step)
+    gen = torch.Generator(device=device)
     n = len(moments)
+    start_step = step
     columns = (TextColumn(f"[bold]{cfg.recipe}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     t0, done_here, running = time.time(), 0, None
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
+            if (stop_after is not None and step - start_step >= stop_after) or (
+                    max_minutes is not None and time.time() - t0 > 60 * max_minutes):
+                break
+            rng = np.random.default_rng([cfg.seed, step])
+            gen.manual_seed(cfg.seed * 1_000_003 + step)
             if step >= ema_from and ema is None:
                 ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
                 ema.to(device)
@@ -192,9 +204,15 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True) ->
                 save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
                                 ema=ema.state_dict() if ema is not None else None)
     elapsed = time.time() - t0
+    if step < cfg.steps:  # stopped early: keep everything, export nothing
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
+                            ema=ema.state_dict() if ema is not None else None)
+        return {"recipe": cfg.recipe, "steps": step, "finished": False, "final_loss": running,
+                "checkpoint": str(ckpt), "history": history}
     if ema is not None:
         ema.copy_to(raw_unet.parameters())
-    summary = {"recipe": cfg.recipe, "steps": step, "final_loss": running, "seconds_this_run": elapsed,
+    summary = {"recipe": cfg.recipe, "steps": step, "finished": True, "final_loss": running, "seconds_this_run": elapsed,
                "steps_per_s": done_here / elapsed if elapsed > 0 else None, "device": str(device),
                "ema_from_step": ema_from, "history": history}
     if accelerator.is_main_process:

@@ -1,0 +1,72 @@
+"""A short end-to-end train-then-sample run on a few hundred scenes, and exact resumption."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepsaver import generate, load_pipeline
+from stepsaver.errors import StepsaverError
+from stepsaver.shrink.autoencoder import AutoencoderTrainConfig, train_autoencoder
+from stepsaver.shrink.train import TrainConfig, train_model
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    metrics = train_autoencoder(AutoencoderTrainConfig(out=str(out), steps=4, batch_size=8, eval_images=16,
+                                                       checkpoint_every=2))
+    assert metrics["psnr_db"] > 0 and metrics["scaling_factor"] > 0
+    return out / "vae"
+
+
+def _cfg(tmp_path, vae_dir, name, **kw):
+    base = dict(out=str(tmp_path / name), vae=str(vae_dir), scenes=200, steps=6, batch_size=8,
+                cache=str(tmp_path / "cache"), checkpoint_every=2, ema_fraction=0.5, grid_prompts=2,
+                grid_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_then_sample_end_to_end(tmp_path, vae_dir):
+    summary = train_model(_cfg(tmp_path, vae_dir, "run"), progress=False)
+    assert summary["finished"] and summary["steps"] == 6
+    assert summary["ema_from_step"] == 3  # EMA only over the last half here (configured)
+    pipe = load_pipeline(summary["pipeline"], device="cpu")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    result = generate(pipe, "a cat on a blue background", steps=3)
+    assert result.denoiser_calls == 3
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+    weights = load_file(str(tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert next(iter(weights.values())).dtype == torch.float16
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["recipe"] == "deci"
+
+
+def test_sd_recipe_trains_the_baseline(tmp_path, vae_dir):
+    summary = train_model(_cfg(tmp_path, vae_dir, "sd", recipe="sd", steps=2), progress=False)
+    assert summary["ema_from_step"] == 0  # SD keeps an EMA throughout
+    pipe = load_pipeline(summary["pipeline"], scheduler=None, device="cpu")
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, vae_dir):
+    straight = train_model(_cfg(tmp_path, vae_dir, "straight"), progress=False)
+    part = train_model(_cfg(tmp_path, vae_dir, "resumed"), progress=False, stop_after=3)
+    assert not part["finished"] and part["steps"] == 3
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = train_model(_cfg(tmp_path, vae_dir, "resumed"), progress=False)
+    assert resumed["steps"] == 6
+    a = load_file(f"{straight['pipeline']}/unet/diffusion_pytorch_model.safetensors")
+    b = load_file(f"{resumed['pipeline']}/unet/diffusion_pytorch_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_bad_training_config_is_a_clear_error(tmp_path, vae_dir):
+    with pytest.raises(StepsaverError, match="unknown recipe"):
+        train_model(_cfg(tmp_path, vae_dir, "x", recipe="sdxl"), progress=False)
+    with pytest.raises(StepsaverError, match="no trained autoencoder"):
+        train_model(_cfg(tmp_path, tmp_path / "novae", "x"), progress=False)
