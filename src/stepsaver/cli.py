@@ -191,7 +191,7 @@ def train_model_cmd(
     cache: Path = typer.Option(Path("runs/cache"), "--cache", help="Where scenes, embeddings and moments go."),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+    max_minutes: float | None = typer.Option(None, "--max-minutes",
                                                 help="Stop (checkpointed, resumable) after this long."),
     as_json: bool = JsonOpt,
 ) -> None:

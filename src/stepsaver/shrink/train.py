@@ -130,7 +130,8 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     accelerator = Accelerator()
     device = accelerator.device
-    data = prepare_data(cfg, device, progress and accelerator.is_main_process)
+    with accelerator.main_process_first():  # one process renders and precomputes, the rest reuse it
+        data = prepare_data(cfg, device, progress and accelerator.is_main_process)
     spec = recipe_spec(cfg.recipe, cfg.ema_fraction, cfg.min_snr_gamma)
     noise_scheduler = DDIMScheduler(**spec.scheduler)
 
@@ -170,8 +171,9 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
             if (stop_after is not None and step - start_step >= stop_after) or (
                     max_minutes is not None and time.time() - t0 > 60 * max_minutes):
                 break
-            rng = np.random.default_rng([cfg.seed, step])
-            gen.manual_seed(cfg.seed * 1_000_003 + step)
+            rank = accelerator.process_index  # each GPU of a multi-GPU run draws its own batch
+            rng = np.random.default_rng([cfg.seed, step, rank])
+            gen.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
             if step >= ema_from and ema is None:
                 ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
                 ema.to(device)
@@ -212,9 +214,9 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
                 "checkpoint": str(ckpt), "history": history}
     if ema is not None:
         ema.copy_to(raw_unet.parameters())
-    summary = {"recipe": cfg.recipe, "steps": step, "finished": True, "final_loss": running, "seconds_this_run": elapsed,
-               "steps_per_s": done_here / elapsed if elapsed > 0 else None, "device": str(device),
-               "ema_from_step": ema_from, "history": history}
+    summary = {"recipe": cfg.recipe, "steps": step, "finished": True, "final_loss": running,
+               "seconds_this_run": elapsed, "steps_per_s": done_here / elapsed if elapsed > 0 else None,
+               "device": str(device), "ema_from_step": ema_from, "history": history}
     if accelerator.is_main_process:
         pipe_dir = export_pipeline(raw_unet.eval(), data["vae"], spec.scheduler, out / "pipeline")
         summary["pipeline"] = str(pipe_dir)
