@@ -153,6 +153,33 @@ def scenes(
            "first_caption": scs[0].caption}, as_json, "scenes")
 
 
+@app.command()
+@_command
+def samples(
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
+    model: str = typer.Option("tiny", "--model", "-m"),
+    n: int = typer.Option(16, "--n", help="How many held-out scene prompts."),
+    steps: int = typer.Option(30, "--steps"),
+    scheduler: str = typer.Option("ddim", "--scheduler"),
+    guidance: float = typer.Option(5.0, "--guidance"),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Grid of held-out scene prompts: the real scene beside the model's image."""
+    from stepsaver.generate import validate_request
+    from stepsaver.pipelines import load_pipeline
+    from stepsaver.shrink.grid import render_eval_grid
+
+    validate_request("scenes", steps, guidance)
+    if n <= 0:
+        raise StepsaverError(f"--n must be positive, got {n}")
+    pipe = load_pipeline(model, scheduler=scheduler)
+    path = render_eval_grid(pipe, out, n=n, steps=steps, guidance=guidance, seed=seed,
+                            guidance_rescale=guidance_rescale)
+    _emit({"grid": str(path), "model": model, "steps": steps, "scheduler": scheduler, "n": n}, as_json, "samples")
+
+
 @app.command("train-vae")
 @_command
 def train_vae(

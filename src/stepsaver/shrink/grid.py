@@ -32,3 +32,47 @@ def save_grid(path: str | Path, images: np.ndarray, prompts: Sequence[str], real
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def render_eval_grid(pipe, png: str | Path, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0,
+                     font: str | None = None, guidance_rescale: float = 0.0) -> Path:
+    """Generate the first ``n`` held-out (eval split) scene prompts, each beside its real scene."""
+    import torch
+
+    from stepsaver.shrink.scenes import SceneGenerator
+
+    gen = SceneGenerator(seed=seed, split="eval", font=font)
+    scenes = [gen.sample(i) for i in range(n)]
+    prompts = [s.caption for s in scenes]
+    kwargs = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+    real = np.stack([gen.render(s) for s in scenes])
+    return save_grid(png, (images * 255).round().astype(np.uint8), prompts, real=real)
+
+
+def plot_loss(history: Sequence[dict], png: str | Path, title: str = "training loss") -> Path:
+    """Plot the running training loss (and learning rate) of a ``train-model`` history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.plot(steps, [h["loss"] for h in history], label="loss (EMA of batches)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, label="learning rate")
+    ax2.set_ylabel("learning rate")
+    ax.set_title(title)
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -221,6 +221,10 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
         pipe_dir = export_pipeline(raw_unet.eval(), data["vae"], spec.scheduler, out / "pipeline")
         summary["pipeline"] = str(pipe_dir)
         summary["grid"] = str(sample_grid(pipe_dir, out / "samples.png", cfg))
+        if history:
+            from stepsaver.shrink.grid import plot_loss
+
+            summary["loss_plot"] = str(plot_loss(history, out / "loss.png", f"{cfg.recipe} recipe"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -256,14 +260,8 @@ def export_pipeline(unet, vae, scheduler_config: dict, folder: Path, dtype=torch
 def sample_grid(pipe_dir: Path, png: Path, cfg: TrainConfig, guidance: float = 5.0) -> Path:
     """Render held-out (eval split) prompts with the exported pipeline into a captioned grid."""
     from stepsaver.pipelines import load_pipeline
-    from stepsaver.shrink.grid import save_grid
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.shrink.grid import render_eval_grid
 
     pipe = load_pipeline(pipe_dir, scheduler="ddim", device="auto", dtype="float32")
-    gen = SceneGenerator(seed=cfg.seed, split="eval", font=cfg.font)
-    scenes = [gen.sample(i) for i in range(cfg.grid_prompts)]
-    prompts = [s.caption for s in scenes]
-    images = pipe(prompts, num_inference_steps=cfg.grid_steps, guidance_scale=guidance,
-                  generator=torch.Generator("cpu").manual_seed(cfg.seed), output_type="np").images
-    real = np.stack([gen.render(s) for s in scenes])
-    return save_grid(png, (images * 255).round().astype(np.uint8), prompts, real=real)
+    return render_eval_grid(pipe, png, n=cfg.grid_prompts, steps=cfg.grid_steps, guidance=guidance,
+                            seed=cfg.seed, font=cfg.font)
