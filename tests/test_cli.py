@@ -78,3 +78,14 @@ def test_schedulers_and_scenes_commands(tmp_path):
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout)
     assert payload["scenes"] == 20 and (tmp_path / "s" / "grid.png").exists()
+
+
+def test_generate_with_skip_reports_calls_made_and_saved(tmp_path):
+    r = _run("generate", "a big apple in the center on a blue background", "--steps", 20, "--skip",
+             "--threshold", 0.5, "--max-skips", 2, "--out", tmp_path / "s.png", "--json")
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    assert p["denoiser_calls"] + p["denoiser_calls_saved"] == 20
+    assert p["denoiser_calls_saved"] > 0 and len(p["skipped_steps"]) == p["denoiser_calls_saved"]
+    r = _run("generate", "cat", "--skip", "--max-skips", -1)
+    assert r.exit_code == 2 and "max_skips" in r.stderr

@@ -81,3 +81,41 @@ def tiny_sdxl(folder: Path) -> Path:
                                      unet=unet, scheduler=sched)
     pipe.save_pretrained(folder / "sdxl")
     return folder / "sdxl"
+
+
+def _t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single characters, built in memory: no sentencepiece file, no download."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -3.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=16)
+
+
+def tiny_pixart(folder: Path) -> Path:
+    """Save a random PixArtAlphaPipeline (transformer denoiser, T5 text encoder, 32 px) to ``folder``.
+
+    Call it with ``use_resolution_binning=False`` (the bins exist only for the real 256-1024 px sizes) and
+    ``clean_caption=False`` (caption cleaning needs bs4/ftfy); ``max_sequence_length=16`` keeps T5 short.
+    """
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = _t5_tokenizer()
+    text = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                           norm_eps=1e-6)
+    sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=_vae(), transformer=transformer.eval(),
+                               scheduler=sched)
+    pipe.save_pretrained(folder / "pixart")
+    return folder / "pixart"

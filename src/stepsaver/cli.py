@@ -87,9 +87,12 @@ def generate(
                                            help="CFG rescale phi in [0, 1] (for zero-terminal-SNR models)."),
     out: Path = typer.Option(Path("stepsaver.png"), "--out", "-o", help="Where to write the PNG."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    skip: bool = typer.Option(False, "--skip/--no-skip", help="AdaptiveDiffusion step skipping inside the loop."),
+    threshold: float = typer.Option(0.01, "--threshold", help="Skip threshold delta (with --skip)."),
+    max_skips: int = typer.Option(4, "--max-skips", help="Most consecutive skips C_max (with --skip)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Generate one image and report steps, denoiser calls and seconds."""
+    """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
     from stepsaver.generate import generate as run_generate
     from stepsaver.generate import validate_request
     from stepsaver.pipelines import SCHEDULERS, load_pipeline
@@ -99,7 +102,15 @@ def generate(
         raise StepsaverError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if out.suffix.lower() != ".png":
         raise StepsaverError(f"--out must be a .png path, got {out}")
+    if skip:
+        from stepsaver.skip import AdaptiveSkipConfig
+
+        skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips)  # validates first
     pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    if skip:
+        from stepsaver.skip import enable_adaptive_skip
+
+        enable_adaptive_skip(pipe, skip_config)
     result = run_generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance,
                           guidance_rescale=guidance_rescale)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,13 @@ def generate(pipe, prompt: str, steps: int = 30, seed: int | None = 0, guidance:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-    return GenerationResult(images=list(out.images), prompt=prompt, steps=steps, denoiser_calls=calls[0],
+    made, extra = calls[0], {}
+    from stepsaver.skip import skip_report
+
+    report = skip_report(pipe)  # the Skip hook answers some calls from its cache: count real runs
+    if report is not None:
+        made = report.denoiser_calls
+        extra = {"denoiser_calls_saved": report.calls_saved, "skipped_steps": report.skipped_steps(0)}
+    return GenerationResult(images=list(out.images), prompt=prompt, steps=steps, denoiser_calls=made,
                             seconds=seconds, seed=seed, guidance=guidance,
-                            scheduler=type(pipe.scheduler).__name__)
+                            scheduler=type(pipe.scheduler).__name__, extra=extra)

@@ -45,8 +45,30 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 }
 
 
+# Terminal sigma given to samplers that cannot represent zero terminal SNR (EDM's sigma_max).
+ZERO_SNR_SIGMA_MAX = 80.0
+
+
+def _zero_snr_betas(base_config: dict[str, Any], sigma_max: float = ZERO_SNR_SIGMA_MAX) -> list[float]:
+    """The model's zero-terminal-SNR betas with the last alpha_bar raised to 1 / (1 + sigma_max^2).
+
+    Samplers without ``rescale_betas_zero_snr`` (Heun, DPM2, LMS, PNDM) would otherwise fall back to
+    the un-rescaled betas (sigma_max ~ 2e4 for capped cosine betas). A 2nd-order step from such a
+    sigma overshoots (Heun: garbage; DPM2 with Karras sigmas: NaN). Clamping to sigma_max = 80
+    gives images within ~1-2% of DDIM's at 20 steps on the embedded model.
+    """
+    from diffusers import DDIMScheduler
+
+    ac = DDIMScheduler.from_config(base_config).alphas_cumprod.double().clone()
+    ac[-1] = max(float(ac[-1]), 1.0 / (1.0 + sigma_max**2))
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    return (1.0 - ac / prev).tolist()
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]):
     """Build scheduler ``name`` from another scheduler's config (keeping betas and parametrisation)."""
+    import inspect
+
     import diffusers
 
     key = name.lower().replace("-", "_")
@@ -55,13 +77,16 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     spec = SCHEDULERS[key]
     cls = getattr(diffusers, spec.cls_name)
     config = dict(base_config)
-    # A zero-terminal-SNR model needs trailing spacing in every sampler, and samplers that do not
-    # know the rescale flag ignore it; keep the keys and let diffusers drop what it does not use.
+    kwargs = dict(spec.kwargs)
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        kwargs["trained_betas"] = _zero_snr_betas(config)
+    # Keys a sampler does not know (rescale flag, clip_sample, ...) are dropped by diffusers with an
+    # info log; silence it, the trained_betas above carry the zero-SNR schedule where needed.
     logger = logging.getLogger("diffusers.configuration_utils")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return cls.from_config(config, **spec.kwargs)
+        return cls.from_config(config, **kwargs)
     finally:
         logger.setLevel(level)
 

@@ -1,0 +1,503 @@
+"""AdaptiveDiffusion step skipping as one diffusers ``ModelHook`` on any pipeline's denoiser.
+
+``enable_adaptive_skip(pipe, AdaptiveSkipConfig(...))`` registers :class:`AdaptiveSkipHook` through
+``diffusers.hooks.HookRegistry`` on ``pipe.unet`` or ``pipe.transformer``; no pipeline code is
+copied or edited. The hook's ``new_forward`` either runs the network or hands back the cached raw
+output (the whole CFG batch, before guidance); guidance and ``scheduler.step`` run every step.
+
+How it is wired (decisions worth knowing):
+
+* **Latents.** The criterion needs the latents *after* each scheduler step (for Euler-type
+  samplers the denoiser input is scaled, so it is not the latent). The hook wraps the bound
+  ``step`` of ``pipe.scheduler`` (an instance attribute, ``functools.wraps`` keeps the signature
+  pipelines inspect) and reads ``prev_sample`` from its output. This works on pipelines without
+  ``callback_on_step_end`` (PixArt) and leaves that argument to the user.
+* **Reset per call.** Every diffusers pipeline calls ``scheduler.set_timesteps`` once before its
+  loop; the wrapped ``set_timesteps`` bumps a generation counter and the first denoiser call of
+  the new generation resets the state (cache, history, report). A scheduler swapped in since the
+  last call (``pipe.scheduler = ...``) is detected by identity, wrapped, and also starts a new
+  call. Diffusers' own end-of-call ``reset_stateful_hooks`` (via ``maybe_free_model_hooks``,
+  on models that have it) only frees the cached tensors; the report of the call stays readable.
+* **Second-order samplers** (Heun, DPM2: ``state_in_first_order`` is ``False`` between their two
+  ``step`` calls): a *scheduler step* ends when the scheduler is back in first order. ``L_j`` is
+  the latent after the completed step (the half-step latent is not used), one decision covers
+  both denoiser calls of the next step, and a skipped call returns the most recently computed
+  output (the second call of the previous step, evaluated at the same sigma as the next step's
+  first call). The sampler's last step is first-order only and leaves it in second order; it is
+  still recorded. Compat mode decides per ``step`` call instead, like the official loop.
+* **Per-sample paths.** The denoiser batch is ``k`` stacked copies of the ``B`` latents
+  (``k = 2`` with CFG: ``[uncond; cond]``), so sample ``i`` owns rows ``i, i + B, ...``. When some
+  samples compute and others skip, every tensor argument whose first dimension equals the
+  denoiser batch (nested in tuples, lists and dicts too, e.g. SDXL's ``added_cond_kwargs`` or
+  PixArt's per-row timesteps) is sliced to the computing rows, the network runs on those, and
+  the cached rows are spliced back. A batch of N prompts then follows the same paths as N
+  separate calls (equal to float tolerance).
+* **One call per step.** A pipeline that calls the denoiser twice between two ``scheduler.step``
+  calls (separate cond/uncond passes) is not supported and raises :class:`StepsaverError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState
+
+from stepsaver.errors import StepsaverError
+from stepsaver.skip.criterion import (
+    MIN_WARMUP,
+    latent_difference,
+    next_step_skipped,
+    next_step_skipped_batched,
+    official_next_step_skipped,
+)
+
+__all__ = ["HOOK_NAME", "AdaptiveSkipConfig", "AdaptiveSkipHook", "SkipReport", "disable_adaptive_skip",
+           "enable_adaptive_skip", "skip_report"]
+
+HOOK_NAME = "stepsaver_adaptive_skip"
+_MARK = "_stepsaver_adaptive_skip"
+
+
+@dataclass
+class AdaptiveSkipConfig:
+    """Settings of AdaptiveDiffusion skipping.
+
+    Args:
+        threshold: delta of the criterion ``|(D_j + D_{j-2})/2 - D_{j-1}| <= delta * D_{j-1}``.
+            0.01 is the paper's value for SD-1.5/SDXL (0.004 for LDM). Larger skips more. ``0``
+            never skips (output bit-identical to the plain pipeline).
+        max_skips: C_max, the most consecutive steps that may reuse the cache (4 for SD-1.5/SDXL,
+            6 for LDM). ``0`` never skips.
+        warmup: steps ``0 .. warmup-1`` always run the denoiser; at least 4 (the criterion needs
+            D_1..D_3, known after step 3).
+        per_sample: one skip path per sample of the batch (ours); ``False`` shares one path, decided
+            on the whole batch's latent difference, with C_max enforced from the first decision.
+        compat: reproduce the official implementation's decisions exactly: one path per batch,
+            C_max enforced only from the sixth decision, decisions per ``scheduler.step`` call
+            (also the half steps of Heun/DPM2), differences in the latents' dtype, ties skip even
+            at ``threshold=0``. Implies a shared path (``per_sample`` is then ignored); needs
+            ``warmup=4``. State still resets every call (the official code does not).
+    """
+
+    threshold: float = 0.01
+    max_skips: int = 4
+    warmup: int = MIN_WARMUP
+    per_sample: bool = True
+    compat: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`StepsaverError` (one line) on a setting that cannot work."""
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise StepsaverError(f"skip threshold must be a finite number >= 0 (e.g. 0.01), got {t!r}")
+        for name, low in (("max_skips", 0), ("warmup", MIN_WARMUP)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StepsaverError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("per_sample", "compat"):
+            if not isinstance(getattr(self, name), bool):
+                raise StepsaverError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compat and self.warmup != MIN_WARMUP:
+            raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
+                                 f"got warmup={self.warmup}")
+
+    @property
+    def mode(self) -> str:
+        """``"compat"``, ``"per_sample"`` or ``"shared"``."""
+        return "compat" if self.compat else ("per_sample" if self.per_sample else "shared")
+
+
+@dataclass
+class SkipReport:
+    """What the hook did in one pipeline call.
+
+    ``computed[s][i]`` says whether sample ``i`` ran the denoiser in scheduler step ``s`` (in compat
+    mode ``s`` counts ``scheduler.step`` calls). ``diffs[j-1]`` holds ``D_j`` per sample (one value
+    in shared/compat mode). ``pipeline_calls`` counts the pipeline's calls of the denoiser,
+    ``denoiser_calls`` the network runs (a run on a subset of rows counts once), ``rows_*`` the
+    batch rows asked for and computed.
+    """
+
+    mode: str
+    threshold: float
+    max_skips: int
+    warmup: int
+    batch_size: int
+    computed: list[list[bool]] = field(default_factory=list)
+    diffs: list[list[float]] = field(default_factory=list)
+    pipeline_calls: int = 0
+    denoiser_calls: int = 0
+    rows_requested: int = 0
+    rows_computed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.computed)
+
+    @property
+    def calls_saved(self) -> int:
+        return self.pipeline_calls - self.denoiser_calls
+
+    def path(self, sample: int = 0) -> list[bool]:
+        """Skip flags of one sample, step by step (``True`` = reused the cache)."""
+        return [not row[sample] for row in self.computed]
+
+    def skipped_steps(self, sample: int = 0) -> list[int]:
+        return [s for s, row in enumerate(self.computed) if not row[sample]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "threshold": self.threshold, "max_skips": self.max_skips, "steps": self.steps,
+                "batch_size": self.batch_size, "pipeline_calls": self.pipeline_calls,
+                "denoiser_calls": self.denoiser_calls, "calls_saved": self.calls_saved,
+                "rows_requested": self.rows_requested, "rows_computed": self.rows_computed,
+                "skipped_steps": [self.skipped_steps(i) for i in range(self.batch_size)]}
+
+
+class _SkipState(BaseState):
+    """Per-call state; ``reset`` starts a new call, ``release`` drops the tensors only."""
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.reset()
+
+    def reset(self, generation: int = -1) -> None:
+        self.generation = generation
+        self.active = True
+        self.batch: int | None = None  # B, the latents' batch (known from the first scheduler.step)
+        self.diffs: list[Any] = []  # D_1.. : [B] float lists (per sample), floats (shared), 0-dim tensors (compat)
+        self.path: list[Any] = [None]  # decision per step; None = compute all (step 0 / warmup before B known)
+        self.started = 0  # steps that have seen a denoiser call
+        self.step_open = False
+        self.calls_since_step = 0
+        self.cache: torch.Tensor | None = None  # raw denoiser output of the whole batch
+        self.rebuild: Callable[[torch.Tensor], Any] | None = None
+        self.prev_latent: torch.Tensor | None = None
+        self.pipeline_calls = self.denoiser_calls = self.rows_requested = self.rows_computed = 0
+
+    def release(self) -> None:
+        self.cache = self.rebuild = self.prev_latent = None
+        self.active = False
+
+
+def _split_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """The denoiser's main output tensor and a function that rebuilds the output around another one."""
+    if isinstance(out, torch.Tensor):
+        return out, lambda t: t
+    if dataclasses.is_dataclass(out):
+        name = dataclasses.fields(out)[0].name
+        rest = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)[1:]}
+        cls = type(out)
+        return getattr(out, name), lambda t: cls(**{name: t}, **rest)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        cls, rest = type(out), tuple(out[1:])
+        return out[0], lambda t: cls((t, *rest))
+    raise StepsaverError(f"adaptive skip cannot cache a denoiser output of type {type(out).__name__}")
+
+
+def _rows_of(value: Any, rows: int, index: torch.Tensor) -> Any:
+    """Slice every tensor whose first dimension is the denoiser batch (recursing into containers)."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index.to(value.device)) if value.ndim and value.shape[0] == rows else value
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows, index) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, rows, index) for v in value)
+    return value
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    first = args[0] if args else next((kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs), None)
+    if not isinstance(first, torch.Tensor) or first.ndim == 0:
+        raise StepsaverError("adaptive skip could not find the denoiser's batched input (sample/hidden_states)")
+    return first.shape[0]
+
+
+def _prev_sample(out: Any) -> torch.Tensor | None:
+    sample = getattr(out, "prev_sample", None)
+    if sample is None and isinstance(out, (tuple, list)) and out:
+        sample = out[0]
+    return sample if isinstance(sample, torch.Tensor) else None
+
+
+class AdaptiveSkipHook(ModelHook):
+    """Runs the denoiser or returns its cached output, per the AdaptiveDiffusion criterion."""
+
+    _is_stateful = True
+
+    def __init__(self, config: AdaptiveSkipConfig, pipe: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.state = _SkipState()
+        self._pipe = weakref.ref(pipe)
+        self._scheduler: Any = None
+        self._saved: dict[str, Any] = {}
+        self._generation = 0
+
+    # -- scheduler wiring ---------------------------------------------------------------------
+    def bind_scheduler(self, scheduler: Any) -> None:
+        """Wrap ``scheduler.step`` (latents, step ends) and ``scheduler.set_timesteps`` (new call)."""
+        self.unbind_scheduler()
+        step_fn, set_fn = scheduler.step, scheduler.set_timesteps
+        hook = self
+
+        @functools.wraps(step_fn)
+        def step(*args, **kwargs):
+            hook._before_step(args, kwargs)
+            out = step_fn(*args, **kwargs)
+            hook._after_step(scheduler, out)
+            return out
+
+        @functools.wraps(set_fn)
+        def set_timesteps(*args, **kwargs):
+            hook._generation += 1
+            return set_fn(*args, **kwargs)
+
+        for name, fn in (("step", step), ("set_timesteps", set_timesteps)):
+            self._saved[name] = scheduler.__dict__.get(name, _MISSING)
+            setattr(fn, _MARK, True)
+            setattr(scheduler, name, fn)
+        self._scheduler = scheduler
+
+    def unbind_scheduler(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is None:
+            return
+        for name, previous in self._saved.items():
+            if getattr(scheduler.__dict__.get(name), _MARK, False):
+                if previous is _MISSING:
+                    del scheduler.__dict__[name]
+                else:
+                    scheduler.__dict__[name] = previous
+        self._saved = {}
+
+    def _begin_call_if_new(self) -> _SkipState:
+        pipe = self._pipe()
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else self._scheduler
+        new_call = self.state.generation != self._generation
+        if scheduler is not None and scheduler is not self._scheduler:
+            self.bind_scheduler(scheduler)  # swapped since the last call: its set_timesteps ran unwrapped
+            new_call = True
+        if new_call:
+            self.state.reset(self._generation)
+            self._publish()
+        return self.state
+
+    def _before_step(self, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        if not state.active or state.generation != self._generation:
+            return
+        state.calls_since_step = 0
+        sample = kwargs.get("sample", args[2] if len(args) > 2 else None)
+        if state.batch is None and isinstance(sample, torch.Tensor) and sample.ndim:
+            state.batch = sample.shape[0]
+
+    def _after_step(self, scheduler: Any, out: Any) -> None:
+        state = self.state
+        if not state.active or state.generation != self._generation:
+            return
+        latent = _prev_sample(out)
+        if latent is None or latent.ndim == 0:
+            return
+        if state.batch is None:
+            state.batch = latent.shape[0]
+        if not (self.config.compat or getattr(scheduler, "state_in_first_order", True)):
+            self._publish()
+            return  # first half of a second-order step: the step is not complete yet
+        state.step_open = False
+        if state.prev_latent is not None:
+            if self.config.compat:
+                state.diffs.append((latent - state.prev_latent).abs().mean())  # official: latents' dtype
+            else:
+                d = latent_difference(latent, state.prev_latent, per_sample=self.config.per_sample)
+                state.diffs.append(d.tolist())
+        state.prev_latent = latent.detach().clone()
+        state.path.append(self._decide(state))
+        self._publish()
+
+    def _decide(self, state: _SkipState) -> Any:
+        cfg = self.config
+        if cfg.compat:
+            return official_next_step_skipped(state.diffs, self._flat_path(state), cfg.threshold, cfg.max_skips)
+        if not cfg.per_sample:
+            return next_step_skipped(state.diffs, self._flat_path(state), cfg.threshold, cfg.max_skips, cfg.warmup)
+        batch = state.batch or 1
+        diffs = torch.tensor(state.diffs, dtype=torch.float64).reshape(len(state.diffs), batch)
+        path = torch.tensor([row if row is not None else [False] * batch for row in state.path],
+                            dtype=torch.bool).reshape(len(state.path), batch)
+        return next_step_skipped_batched(diffs, path, cfg.threshold, cfg.max_skips, cfg.warmup).tolist()
+
+    @staticmethod
+    def _flat_path(state: _SkipState) -> list[bool]:
+        return [bool(p) for p in state.path]
+
+    # -- the denoiser call -----------------------------------------------------------------------
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self._begin_call_if_new()
+        if not state.active:  # after diffusers' end-of-call reset: plain pass-through
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if state.calls_since_step:
+            raise StepsaverError(
+                "the denoiser was called twice within one scheduler step; adaptive skip supports pipelines "
+                "that run one (CFG-batched) denoiser call per scheduler.step")
+        state.calls_since_step += 1
+        if not state.step_open:
+            state.step_open = True
+            state.started += 1
+        rows = _batch_of(args, kwargs)
+        state.pipeline_calls += 1
+        state.rows_requested += rows
+        decision = state.path[-1]
+        if isinstance(decision, list):
+            skip = [bool(s) for s in decision]
+        else:
+            skip = [bool(decision)] * (state.batch or 1)
+        if state.cache is None or state.cache.shape[0] != rows or not any(skip):
+            return self._compute(state, rows, args, kwargs)
+        if all(skip):
+            return state.rebuild(state.cache.clone())
+        return self._compute_rows(state, rows, skip, args, kwargs)
+
+    def _compute(self, state: _SkipState, rows: int, args: tuple, kwargs: dict) -> Any:
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        main, state.rebuild = _split_output(out)
+        state.cache = main.detach().clone()
+        state.denoiser_calls += 1
+        state.rows_computed += rows
+        return out
+
+    def _compute_rows(self, state: _SkipState, rows: int, skip: list[bool], args: tuple, kwargs: dict) -> Any:
+        batch = len(skip)
+        if rows % batch:
+            raise StepsaverError(f"denoiser batch {rows} is not a multiple of the latent batch {batch}; "
+                                 "use AdaptiveSkipConfig(per_sample=False) for this pipeline")
+        keep = [i for i, s in enumerate(skip) if not s]
+        index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep],
+                             device=state.cache.device)
+        out = self.fn_ref.original_forward(*_rows_of(args, rows, index), **_rows_of(kwargs, rows, index))
+        main, _ = _split_output(out)
+        full = state.cache.clone()
+        full[index] = main.to(full.dtype)
+        state.cache = full
+        state.denoiser_calls += 1
+        state.rows_computed += len(index)
+        return state.rebuild(full.clone())
+
+    # -- diffusers' end-of-call reset and the report ---------------------------------------------
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._publish()
+        self.state.release()
+        return module
+
+    def report(self) -> SkipReport | None:
+        state, cfg = self.state, self.config
+        if state.generation < 0:
+            return None
+        batch = state.batch or 1
+        computed = []
+        for decision in state.path[: state.started]:
+            if isinstance(decision, list):
+                computed.append([not s for s in decision])
+            else:
+                computed.append([not decision] * batch)
+        diffs = [[float(d)] if not isinstance(d, list) else list(d) for d in state.diffs]
+        return SkipReport(mode=cfg.mode, threshold=cfg.threshold, max_skips=cfg.max_skips, warmup=cfg.warmup,
+                          batch_size=batch, computed=computed, diffs=diffs, pipeline_calls=state.pipeline_calls,
+                          denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
+                          rows_computed=state.rows_computed)
+
+    def _publish(self) -> None:
+        pipe = self._pipe()
+        if pipe is not None:
+            pipe.adaptive_skip_report = self.report()
+
+
+_MISSING = object()
+
+
+def _denoiser(pipe: Any) -> torch.nn.Module:
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise StepsaverError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser to attach adaptive skip to")
+
+
+def _hook_of(pipe: Any) -> AdaptiveSkipHook | None:
+    registry = getattr(_denoiser(pipe), "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook if isinstance(hook, AdaptiveSkipHook) else None
+
+
+def enable_adaptive_skip(pipe: Any, config: AdaptiveSkipConfig | None = None) -> AdaptiveSkipHook:
+    """Attach AdaptiveDiffusion skipping to ``pipe``'s denoiser; every later call of ``pipe`` uses it.
+
+    After each call, :func:`skip_report` (or ``pipe.adaptive_skip_report``) tells what was skipped.
+    Raises :class:`StepsaverError` on a bad config, a pipeline without ``unet``/``transformer`` or
+    scheduler, or when skipping is already enabled; nothing is attached in those cases.
+    """
+    config = AdaptiveSkipConfig() if config is None else config
+    if not isinstance(config, AdaptiveSkipConfig):
+        raise StepsaverError(f"config must be an AdaptiveSkipConfig, got {type(config).__name__}")
+    config.validate()
+    denoiser = _denoiser(pipe)
+    scheduler = getattr(pipe, "scheduler", None)
+    if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "set_timesteps", None))):
+        raise StepsaverError(f"{type(pipe).__name__} has no diffusers scheduler (step/set_timesteps) to follow")
+    if _hook_of(pipe) is not None:
+        raise StepsaverError("adaptive skip is already enabled on this pipeline; call disable_adaptive_skip(pipe) "
+                             "first to change its settings")
+    hook = AdaptiveSkipHook(dataclasses.replace(config), pipe)
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    try:
+        registry.register_hook(hook, HOOK_NAME)
+        hook.bind_scheduler(scheduler)
+    except Exception:
+        hook.unbind_scheduler()
+        if registry.get_hook(HOOK_NAME) is hook:
+            _remove_hook(denoiser, registry)
+        raise
+    return hook
+
+
+def _remove_hook(denoiser: torch.nn.Module, registry: HookRegistry) -> None:
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    forward = denoiser.__dict__.get("forward")
+    if not registry.hooks and getattr(forward, "__func__", None) is type(denoiser).forward and \
+            getattr(forward, "__self__", None) is denoiser:
+        del denoiser.__dict__["forward"]  # the bound class method the registry stored: drop the instance copy
+
+
+def disable_adaptive_skip(pipe: Any) -> bool:
+    """Remove the hook and the scheduler wrappers; ``False`` if skipping was not enabled.
+
+    The denoiser's ``forward`` is the original again (the class method when no other hook is
+    registered). The last call's report stays in ``pipe.adaptive_skip_report``.
+    """
+    hook = _hook_of(pipe)
+    if hook is None:
+        return False
+    denoiser = _denoiser(pipe)
+    registry = denoiser._diffusers_hook
+    hook.unbind_scheduler()
+    _remove_hook(denoiser, registry)
+    hook.state.release()
+    return True
+
+
+def skip_report(pipe: Any) -> SkipReport | None:
+    """The report of the last (or current) call of ``pipe`` with skipping enabled, ``None`` before any."""
+    hook = _hook_of(pipe)
+    if hook is not None:
+        return hook.report()
+    return getattr(pipe, "adaptive_skip_report", None)
