@@ -64,3 +64,30 @@ def test_bootstrap_ci_separates_a_clearly_better_method():
     far = real + 0.3 * torch.randn(48, 2048, generator=g) + 0.2
     out = bootstrap_fid_difference(real, close, far, n_boot=4)
     assert out["fid_diff"] < 0 and out["ci_high"] < 0
+
+
+def test_linear_fit_recovers_a_line_and_r2():
+    from stepsaver.measure.bench_time import linear_fit
+
+    fit = linear_fit([10, 20, 30, 40], [1.2, 2.2, 3.2, 4.2])
+    assert fit["slope"] == pytest.approx(0.1) and fit["intercept"] == pytest.approx(0.2)
+    assert fit["r2"] == pytest.approx(1.0)
+    noisy = linear_fit([1, 2, 3, 4], [1, 3, 2, 4])
+    assert 0 < noisy["r2"] < 1
+    with pytest.raises(ValueError):
+        linear_fit([1], [1])
+
+
+def test_bench_time_cli_writes_report_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from stepsaver.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "time", "--steps", "2:6:2", "--repeats", "1", "--out-dir",
+                                 str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["ms_per_step"] > 0 and (tmp_path / "time-vs-steps.png").exists()
+    rows = json.loads((tmp_path / "time-vs-steps.json").read_text())["rows"]
+    assert [row["steps"] for row in rows] == [2, 4, 6]
+    assert CliRunner().invoke(app, ["bench", "time", "--steps", "x"]).exit_code == 2

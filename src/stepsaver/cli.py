@@ -244,6 +244,39 @@ def train_model_cmd(
     _emit(summary, as_json, f"trained ({recipe})")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables and plots under docs/results/.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("time")
+@_command
+def bench_time_cmd(
+    model: str = typer.Option("tiny", "--model", "-m"),
+    scheduler: str = typer.Option("ddim", "--scheduler"),
+    steps: str = typer.Option("10:100:10", "--steps", help="start:stop:step, inclusive."),
+    repeats: int = typer.Option(3, "--repeats"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Median generation time vs steps with a linear fit and R^2 (StepSaver Fig. 5)."""
+    from stepsaver.measure.bench_time import bench_time
+    from stepsaver.pipelines import load_pipeline
+
+    try:
+        a, b, c = (int(v) for v in steps.split(":"))
+        grid = list(range(a, b + 1, c))
+    except ValueError:
+        raise StepsaverError(f"--steps must look like 10:100:10, got {steps!r}") from None
+    if len(grid) < 2 or min(grid) <= 0 or max(grid) > 1000 or repeats < 1:
+        raise StepsaverError("--steps needs >= 2 counts in 1..1000 and --repeats >= 1")
+    pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    result = bench_time(pipe, grid, repeats=repeats, out_dir=out_dir)
+    fit = result["fit"]
+    _emit({"ms_per_step": fit["slope"] * 1e3, "fixed_s": fit["intercept"], "r2": fit["r2"],
+           "report": result["md"], "plot": result["plot"]}, as_json, "time vs steps")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
