@@ -95,11 +95,10 @@ def generate(
     """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
     from stepsaver.generate import generate as run_generate
     from stepsaver.generate import validate_request
-    from stepsaver.pipelines import SCHEDULERS, load_pipeline
+    from stepsaver.pipelines import load_pipeline, scheduler_spec
 
     validate_request(prompt, steps, guidance)  # fail fast, before loading any weights
-    if scheduler.lower().replace("-", "_") not in SCHEDULERS:
-        raise StepsaverError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    scheduler_spec(scheduler)
     if out.suffix.lower() != ".png":
         raise StepsaverError(f"--out must be a .png path, got {out}")
     if skip:
@@ -260,6 +259,7 @@ def bench_time_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Median generation time vs steps with a linear fit and R^2 (StepSaver Fig. 5)."""
+    from stepsaver.generate import MAX_STEPS
     from stepsaver.measure.bench_time import bench_time
     from stepsaver.pipelines import load_pipeline
 
@@ -268,8 +268,8 @@ def bench_time_cmd(
         grid = list(range(a, b + 1, c))
     except ValueError:
         raise StepsaverError(f"--steps must look like 10:100:10, got {steps!r}") from None
-    if len(grid) < 2 or min(grid) <= 0 or max(grid) > 1000 or repeats < 1:
-        raise StepsaverError("--steps needs >= 2 counts in 1..1000 and --repeats >= 1")
+    if len(grid) < 2 or min(grid) <= 0 or max(grid) > MAX_STEPS or repeats < 1:
+        raise StepsaverError(f"--steps needs >= 2 counts in 1..{MAX_STEPS} and --repeats >= 1")
     pipe = load_pipeline(model, scheduler=scheduler, device=device)
     result = bench_time(pipe, grid, repeats=repeats, out_dir=out_dir)
     fit = result["fit"]

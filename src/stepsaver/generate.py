@@ -40,13 +40,13 @@ class GenerationResult:
                 "scheduler": self.scheduler, **self.extra}
 
 
-def denoiser_of(pipe) -> torch.nn.Module:
+def denoiser_of(pipe, purpose: str = "count calls on") -> torch.nn.Module:
     """The pipeline's denoising network: ``unet`` for UNet pipelines, ``transformer`` for DiTs."""
-    for name in ("unet", "transformer", "prior"):
+    for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return module
-    raise StepsaverError(f"{type(pipe).__name__} has no unet or transformer to count calls on")
+    raise StepsaverError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser to {purpose}")
 
 
 @contextlib.contextmanager

@@ -55,7 +55,8 @@ def _zero_snr_betas(base_config: dict[str, Any], sigma_max: float = ZERO_SNR_SIG
     Samplers without ``rescale_betas_zero_snr`` (Heun, DPM2, LMS, PNDM) would otherwise fall back to
     the un-rescaled betas (sigma_max ~ 2e4 for capped cosine betas). A 2nd-order step from such a
     sigma overshoots (Heun: garbage; DPM2 with Karras sigmas: NaN). Clamping to sigma_max = 80
-    gives images within ~1-2% of DDIM's at 20 steps on the embedded model.
+    gave images within 0.01-0.025 mean absolute difference (RGB in [0, 1]) of DDIM's at 20 steps on
+    the embedded model.
     """
     from diffusers import DDIMScheduler
 
@@ -65,16 +66,21 @@ def _zero_snr_betas(base_config: dict[str, Any], sigma_max: float = ZERO_SNR_SIG
     return (1.0 - ac / prev).tolist()
 
 
+def scheduler_spec(name: str) -> SchedulerSpec:
+    """The registry entry for ``name`` (case and ``-``/``_`` insensitive), or a one-line error listing names."""
+    key = name.lower().replace("-", "_")
+    if key not in SCHEDULERS:
+        raise StepsaverError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[key]
+
+
 def make_scheduler(name: str, base_config: dict[str, Any]):
     """Build scheduler ``name`` from another scheduler's config (keeping betas and parametrisation)."""
     import inspect
 
     import diffusers
 
-    key = name.lower().replace("-", "_")
-    if key not in SCHEDULERS:
-        raise StepsaverError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    spec = SCHEDULERS[key]
+    spec = scheduler_spec(name)
     cls = getattr(diffusers, spec.cls_name)
     config = dict(base_config)
     kwargs = dict(spec.kwargs)

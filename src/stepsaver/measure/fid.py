@@ -97,13 +97,15 @@ def extractor() -> InceptionFeatures:
 def features(images: np.ndarray | torch.Tensor, batch: int = 32, cache: bool = False) -> torch.Tensor:
     """Inception features of a set of images; ``cache=True`` stores them keyed by content."""
     x = to_uint8_nchw(images)
-    key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:20] + f"-{tuple(x.shape)}"
-    path = _cache_dir() / f"{key}.pt"
-    if cache and path.exists():
-        return torch.load(path)
+    path = None
+    if cache:
+        key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:20] + f"-{tuple(x.shape)}"
+        path = _cache_dir() / f"{key}.pt"
+        if path.exists():
+            return torch.load(path)
     net = extractor()
     feats = torch.cat([net(x[i:i + batch]) for i in range(0, len(x), batch)])
-    if cache:
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(feats, tmp)

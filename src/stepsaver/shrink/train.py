@@ -165,6 +165,12 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     columns = (TextColumn(f"[bold]{cfg.recipe}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
     t0, done_here, running = time.time(), 0, None
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
+                            ema=ema.state_dict() if ema is not None else None)
+
     with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
@@ -202,14 +208,11 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
                            + (" ema" if ema is not None else ""))
             if step % 50 == 0:
                 history.append({"step": step, "loss": running, "lr": sched.get_last_lr()[0]})
-            if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
-                                ema=ema.state_dict() if ema is not None else None)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
     elapsed = time.time() - t0
     if step < cfg.steps:  # stopped early: keep everything, export nothing
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
-                            ema=ema.state_dict() if ema is not None else None)
+        checkpoint()
         return {"recipe": cfg.recipe, "steps": step, "finished": False, "final_loss": running,
                 "checkpoint": str(ckpt), "history": history}
     if ema is not None:

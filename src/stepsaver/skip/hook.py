@@ -51,6 +51,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from stepsaver.errors import StepsaverError
+from stepsaver.generate import denoiser_of
 from stepsaver.skip.criterion import (
     MIN_WARMUP,
     latent_difference,
@@ -426,11 +427,7 @@ _MISSING = object()
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise StepsaverError(f"{type(pipe).__name__} has no `unet` or `transformer` denoiser to attach adaptive skip to")
+    return denoiser_of(pipe, "attach adaptive skip to")
 
 
 def _hook_of(pipe: Any) -> AdaptiveSkipHook | None:
