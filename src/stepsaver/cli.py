@@ -190,6 +190,77 @@ def samples(
     _emit({"grid": str(path), "model": model, "steps": steps, "scheduler": scheduler, "n": n}, as_json, "samples")
 
 
+@app.command()
+@_command
+def label(
+    prompts: Path = typer.Option(..., "--prompts", "-p", help="txt, csv, tsv, jsonl, json or parquet file of prompts."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for labels.jsonl (+ labels.parquet); resumable."),
+    column: str | None = typer.Option(None, "--column", help="Prompt column (default: prompt/caption/text)."),
+    model: str = typer.Option("tiny", "--model", "-m"),
+    scheduler: str = typer.Option("ddim", "--scheduler", "-s"),
+    steps: str = typer.Option("10:100:10", "--steps", help="Step grid, start:stop:step or a list 10,20,50."),
+    seed: int = typer.Option(0, "--seed", help="Initial noise, the same for every step count."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g"),
+    rule: str = typer.Option("first-decline", "--rule", help="Rule shown in the summary: first-decline or converged."),
+    tau: float | None = typer.Option(None, "--tau", help="SSIM tolerance of the converged rule."),
+    limit: int | None = typer.Option(None, "--limit", help="Label only the first N prompts of the file."),
+    batch: int = typer.Option(16, "--batch", help="Prompts rendered together."),
+    workers: int = typer.Option(1, "--workers", help="Ray actors, each with its own pipeline (1: no Ray)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="ray:// cluster address (default: local)."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """StepSaver's sweep: render every prompt at each step count and label the fewest that suffice."""
+    import collections
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stepsaver.pipelines import scheduler_spec
+    from stepsaver.predict.label import LabelConfig, label_prompts, parse_grid
+    from stepsaver.predict.prompts import read_prompts
+    from stepsaver.predict.rules import DEFAULT_TAU, RULES
+
+    if rule not in RULES:
+        raise StepsaverError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+    grid = parse_grid(steps)
+    scheduler_spec(scheduler)
+    texts = read_prompts(prompts, column)
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise StepsaverError(f"{prompts} holds no prompts")
+    cfg = LabelConfig(model=model, scheduler=scheduler, steps=grid, seed=seed, guidance=guidance,
+                      tau=DEFAULT_TAU if tau is None else tau)
+    total = len(dict.fromkeys(texts))
+    t0 = time.perf_counter()
+    with Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=err_console, disable=as_json) as bar:
+        task = bar.add_task("label", total=total, rate="")
+        fresh = [0]
+
+        def advance(n: int) -> None:
+            if n == 0:  # first call: prompts already labelled by an earlier run
+                from stepsaver.predict.label import LabelStore
+
+                bar.update(task, completed=len(LabelStore(out, cfg).done & set(texts)))
+                return
+            fresh[0] += n
+            rate = fresh[0] / (time.perf_counter() - t0) * 3600
+            bar.update(task, advance=n, rate=f"{rate:,.0f} prompts/h")
+
+        store = label_prompts(texts, out, cfg, batch=batch, workers=workers, device=device,
+                              ray_address=ray_address, on_batch=advance)
+    elapsed = time.perf_counter() - t0
+    parquet = store.to_parquet()
+    key = "label_first_decline" if rule == "first-decline" else "label_converged"
+    rows = [r for r in store.rows() if r["prompt"] in set(texts)]
+    counts = collections.Counter(r[key] for r in rows)
+    _emit({"labelled": len(rows), "new": fresh[0], "seconds": round(elapsed, 1),
+           "prompts_per_hour": round(fresh[0] / elapsed * 3600, 1) if fresh[0] else None,
+           "rule": rule, "labels": dict(sorted(counts.items())), "out": str(parquet)}, as_json, "labels")
+
+
 @app.command("train-vae")
 @_command
 def train_vae(

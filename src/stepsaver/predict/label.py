@@ -1,0 +1,271 @@
+"""The StepSaver sweep: render each prompt at every step count of a grid, score, label.
+
+:class:`Labeler` holds one pipeline and labels a batch of prompts: every prompt starts from the
+same initial noise at every step count (``seed``), prompts are batched through the pipeline
+together, and the result rows keep every similarity so any rule or threshold can be re-applied
+later without re-rendering. :func:`label_prompts` drives a labeller (or N Ray actors, each with
+its own pipeline) over a prompt list and appends finished rows to ``labels.jsonl`` one batch at
+a time, so a killed run resumes where it stopped and never relabels a finished prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stepsaver.errors import StepsaverError
+from stepsaver.predict.rules import DEFAULT_TAU, check_grid, converged, first_decline
+
+PAPER_GRID = tuple(range(10, 101, 10))
+LABELS_FILE = "labels.jsonl"
+META_FILE = "meta.json"
+
+
+def parse_grid(spec: str) -> tuple[int, ...]:
+    """``"10:100:10"`` (start:stop:step, inclusive) or ``"10,20,50"`` -> a validated grid."""
+    try:
+        if ":" in spec:
+            start, stop, step = (int(x) for x in spec.split(":"))
+            if step <= 0:
+                raise StepsaverError(f"step grid {spec!r}: the increment must be positive")
+            grid = tuple(range(start, stop + 1, step))
+        else:
+            grid = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise StepsaverError(f"cannot read step grid {spec!r}; write start:stop:step (10:100:10) or a list (10,20,50)") from None
+    return check_grid(grid)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What a labels file was made with; a resumed run must use the same."""
+
+    model: str = "tiny"
+    scheduler: str = "ddim"
+    steps: tuple[int, ...] = PAPER_GRID
+    seed: int = 0
+    guidance: float = 5.0
+    tau: float = DEFAULT_TAU
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", check_grid(self.steps))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the renders (tau only changes a derived column)."""
+        d = asdict(self)
+        d.pop("tau")
+        d["steps"] = list(self.steps)
+        return d
+
+
+class Labeler:
+    """One pipeline that renders batches of prompts over the step grid and labels them."""
+
+    def __init__(self, config: LabelConfig, device: str = "auto", pipe=None) -> None:
+        from stepsaver.pipelines import load_pipeline
+
+        self.config = config
+        self.pipe = pipe if pipe is not None else load_pipeline(config.model, scheduler=config.scheduler, device=device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def _noise(self, n: int) -> torch.Tensor:
+        """The noise ``generate(..., seed)`` starts from, once per prompt (so batching changes nothing)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        denoiser = pipe.unet
+        size = denoiser.config.sample_size
+        shape = (1, denoiser.config.in_channels, size, size)
+        one = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(self.config.seed),
+                           device=pipe.device, dtype=denoiser.dtype)
+        return one.expand(n, -1, -1, -1).clone()
+
+    def render(self, prompts: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+        """``{steps: images[N,H,W,3] float}`` and seconds per prompt for each step count."""
+        from stepsaver.generate import validate_request
+
+        for p in prompts:
+            validate_request(p, self.config.steps[-1], self.config.guidance)
+        renders, seconds = {}, {}
+        noise = self._noise(len(prompts))
+        for n in self.config.steps:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.pipe(list(prompts), num_inference_steps=n, guidance_scale=self.config.guidance,
+                                latents=noise.clone(), output_type="np")
+            seconds[n] = (time.perf_counter() - t0) / len(prompts)
+            renders[n] = np.asarray(out.images, dtype=np.float32)
+        return renders, seconds
+
+    def label(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """Render, score and label a batch; one row per prompt."""
+        from stepsaver.measure.quality import ssim
+
+        cfg = self.config
+        renders, seconds = self.render(prompts)
+        stack = torch.stack([torch.from_numpy(renders[n]).permute(0, 3, 1, 2) for n in cfg.steps], 1)  # N,K,C,H,W
+        n_prompts, k = stack.shape[:2]
+        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+        nxt = ssim(flat(stack[:, :-1]), flat(stack[:, 1:])).reshape(n_prompts, k - 1)
+        ref = ssim(flat(stack), flat(stack[:, -1:].expand_as(stack))).reshape(n_prompts, k)
+        ref[:, -1] = 1.0
+        rows = []
+        for i, prompt in enumerate(prompts):
+            s_next = [round(float(v), 5) for v in nxt[i]]
+            s_ref = [round(float(v), 5) for v in ref[i]]
+            rows.append({
+                "prompt": prompt,
+                "steps": list(cfg.steps),
+                "ssim_next": s_next,
+                "ssim_ref": s_ref,
+                "label_first_decline": first_decline(cfg.steps, s_next),
+                "label_converged": converged(cfg.steps, s_ref, cfg.tau),
+                "tau": cfg.tau,
+                "seconds": [round(seconds[n], 5) for n in cfg.steps],
+                "model": cfg.model,
+                "scheduler": cfg.scheduler,
+                "seed": cfg.seed,
+                "guidance": cfg.guidance,
+            })
+        return rows
+
+
+@dataclass
+class LabelStore:
+    """``labels.jsonl`` + ``meta.json`` in a folder: append-only, one flushed line per prompt."""
+
+    root: Path
+    config: LabelConfig
+    done: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta_path = self.root / META_FILE
+        if meta_path.exists():
+            saved = json.loads(meta_path.read_text())
+            if saved != self.config.identity():
+                diff = {k: (saved.get(k), v) for k, v in self.config.identity().items() if saved.get(k) != v}
+                raise StepsaverError(f"{self.root} holds labels made with other settings {diff} (saved, asked); "
+                                     "use a new --out folder or the same settings")
+        else:
+            meta_path.write_text(json.dumps(self.config.identity(), indent=1))
+        self.done = {row["prompt"] for row in self.rows()}
+
+    @property
+    def path(self) -> Path:
+        return self.root / LABELS_FILE
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Finished rows; a torn last line (a kill mid-write) is ignored, and rewritten on resume."""
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        fresh = [r for r in rows if r["prompt"] not in self.done]
+        if not fresh:
+            return
+        self._repair_tail()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in fresh))
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(r["prompt"] for r in fresh)
+
+    def _repair_tail(self) -> None:
+        """Cut a partial last line left by a killed writer, so the next append starts clean."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            f.truncate(data.rfind(b"\n") + 1)
+
+    def to_parquet(self) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = self.root / "labels.parquet"
+        pq.write_table(pa.Table.from_pylist(list(self.rows())), out)
+        return out
+
+
+def _batches(prompts: list[str], size: int) -> list[list[str]]:
+    return [prompts[i:i + size] for i in range(0, len(prompts), size)]
+
+
+def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig = LabelConfig(), *,
+                  batch: int = 16, workers: int = 1, device: str = "auto", ray_address: str | None = None,
+                  on_batch: Callable[[int], None] | None = None, pipe=None) -> LabelStore:
+    """Label every prompt not yet in ``out`` and return the store.
+
+    ``workers == 1`` labels in this process; ``workers > 1`` starts that many Ray actors (a local
+    Ray, or the cluster at ``ray_address`` / ``RAY_ADDRESS``), each with its own pipeline, and
+    this process alone writes, so the output has no duplicates whatever order batches finish in.
+    ``on_batch(n)`` is called with the number of prompts each finished batch added.
+    """
+    if batch < 1 or workers < 1:
+        raise StepsaverError(f"batch and workers must be >= 1, got batch={batch}, workers={workers}")
+    store = LabelStore(Path(out), config)
+    unique = list(dict.fromkeys(p.strip() for p in prompts if p and p.strip()))
+    todo = [p for p in unique if p not in store.done]
+    if on_batch:
+        on_batch(0)
+    if not todo:
+        return store
+    batches = _batches(todo, batch)
+    if workers == 1:
+        labeler = Labeler(config, device=device, pipe=pipe)
+        for chunk in batches:
+            store.append(labeler.label(chunk))
+            if on_batch:
+                on_batch(len(chunk))
+        return store
+    for rows in _ray_label(batches, config, workers, device, ray_address):
+        store.append(rows)
+        if on_batch:
+            on_batch(len(rows))
+    return store
+
+
+def _ray_label(batches: list[list[str]], config: LabelConfig, workers: int, device: str,
+               ray_address: str | None) -> Iterator[list[dict[str, Any]]]:
+    import ray
+    from ray.util import ActorPool
+
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = max(1, int(ray.available_resources().get("CPU", workers)) // workers)
+
+    @ray.remote(num_cpus=cpus)
+    class LabelWorker:
+        def __init__(self, cfg: LabelConfig, dev: str, threads: int) -> None:
+            torch.set_num_threads(threads)
+            self.labeler = Labeler(cfg, device=dev)
+
+        def label(self, chunk: list[str]) -> list[dict[str, Any]]:
+            return self.labeler.label(chunk)
+
+    actors = [LabelWorker.remote(config, device, cpus) for _ in range(workers)]
+    try:
+        pool = ActorPool(actors)
+        yield from pool.map_unordered(lambda a, chunk: a.label.remote(chunk), batches)
+    finally:
+        for a in actors:
+            ray.kill(a)
