@@ -79,9 +79,12 @@ def _emit(payload: dict, as_json: bool, title: str) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
     model: str = typer.Option("tiny", "--model", "-m", help="'tiny' (embedded), a hub id or a pipeline folder."),
-    steps: int = typer.Option(30, "--steps", "-n", help="Denoising steps (1..1000)."),
+    steps: str = typer.Option("30", "--steps", "-n", help="Denoising steps (1..1000), or 'auto' (the recommender)."),
     scheduler: str = typer.Option("ddim", "--scheduler", "-s", help="Sampler name; see `stepsaver schedulers`."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    recommender: str = typer.Option("tiny", "--recommender", help="Recommender for --steps auto: 'tiny' or a folder."),
+    confidence: float | None = typer.Option(None, "--confidence",
+                                            help="--steps auto: fewest steps with P(enough) >= this (default argmax)."),
     guidance: float = typer.Option(5.0, "--guidance", "-g", help="Classifier-free guidance scale (>= 0)."),
     guidance_rescale: float = typer.Option(0.0, "--guidance-rescale",
                                            help="CFG rescale phi in [0, 1] (for zero-terminal-SNR models)."),
@@ -94,10 +97,11 @@ def generate(
 ) -> None:
     """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
     from stepsaver.generate import generate as run_generate
-    from stepsaver.generate import validate_request
+    from stepsaver.generate import resolve_steps, validate_request
     from stepsaver.pipelines import load_pipeline, scheduler_spec
 
-    validate_request(prompt, steps, guidance)  # fail fast, before loading any weights
+    n_steps, auto = resolve_steps(prompt, steps, recommender, confidence)
+    validate_request(prompt, n_steps, guidance)  # fail fast, before loading any weights
     scheduler_spec(scheduler)
     if out.suffix.lower() != ".png":
         raise StepsaverError(f"--out must be a .png path, got {out}")
@@ -110,8 +114,9 @@ def generate(
         from stepsaver.skip import enable_adaptive_skip
 
         enable_adaptive_skip(pipe, skip_config)
-    result = run_generate(pipe, prompt, steps=steps, seed=seed, guidance=guidance,
+    result = run_generate(pipe, prompt, steps=n_steps, seed=seed, guidance=guidance,
                           guidance_rescale=guidance_rescale)
+    result.extra.update(auto)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)
     payload = {**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}
@@ -208,6 +213,7 @@ def label(
     workers: int = typer.Option(1, "--workers", help="Ray actors, each with its own pipeline (1: no Ray)."),
     ray_address: str | None = typer.Option(None, "--ray-address", help="ray:// cluster address (default: local)."),
     device: str = typer.Option("auto", "--device"),
+    save_images: bool = typer.Option(False, "--save-images", help="Keep every render under OUT/renders/."),
     as_json: bool = JsonOpt,
 ) -> None:
     """StepSaver's sweep: render every prompt at each step count and label the fewest that suffice."""
@@ -250,7 +256,7 @@ def label(
             bar.update(task, advance=n, rate=f"{rate:,.0f} prompts/h")
 
         store = label_prompts(texts, out, cfg, batch=batch, workers=workers, device=device,
-                              ray_address=ray_address, on_batch=advance)
+                              ray_address=ray_address, on_batch=advance, save_images=save_images)
     elapsed = time.perf_counter() - t0
     parquet = store.to_parquet()
     key = "label_first_decline" if rule == "first-decline" else "label_converged"
@@ -259,6 +265,116 @@ def label(
     _emit({"labelled": len(rows), "new": fresh[0], "seconds": round(elapsed, 1),
            "prompts_per_hour": round(fresh[0] / elapsed * 3600, 1) if fresh[0] else None,
            "rule": rule, "labels": dict(sorted(counts.items())), "out": str(parquet)}, as_json, "labels")
+
+
+@app.command()
+@_command
+def dataset(
+    labels: list[Path] = typer.Argument(..., help="labels.jsonl/.parquet files or `stepsaver label` folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for train/val/test(.jsonl) and dataset.json."),
+    rule: str = typer.Option("converged", "--rule", help="first-decline (the paper) or converged (ours)."),
+    tau: float | None = typer.Option(None, "--tau", help="SSIM tolerance of the converged rule."),
+    english_only: bool = typer.Option(True, "--english-only/--all-languages", help="Drop non-English prompts."),
+    balance: str = typer.Option("none", "--balance", help="none, or undersample (the majority class)."),
+    min_count: int = typer.Option(0, "--min-count", help="Drop classes with fewer rows (the paper dropped 20)."),
+    test: float = typer.Option(0.2, "--test", help="Test hold-out: a fraction (<1) or a row count."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Prepare labels for training: clean, label by rule, hold out test, balance, split 9:1."""
+    from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, read_label_rows, write_dataset
+    from stepsaver.predict.rules import DEFAULT_TAU, RULES
+
+    if rule not in RULES:
+        raise StepsaverError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+    cfg = DatasetConfig(rule=rule, tau=DEFAULT_TAU if tau is None else tau, english_only=english_only,
+                        balance=balance, min_count=min_count, test=test, val_fraction=val_fraction, seed=seed)
+    ds = prepare_dataset(read_label_rows(labels), cfg)
+    write_dataset(ds, out)
+    if as_json:
+        print(json.dumps({"out": str(out), "counts": ds["counts"], "dropped": ds["dropped"],
+                          "classes": ds["classes"]}))
+        return
+    classes = sorted({c for v in ds["counts"].values() for c in v})
+    table = Table("stage", *[str(c) for c in classes], "total", title=f"class counts ({rule})", title_justify="left")
+    for stage, c in ds["counts"].items():
+        table.add_row(stage, *[str(c.get(k, 0)) for k in classes], str(sum(c.values())))
+    out_console.print(table)
+    out_console.print(f"dropped: {ds['dropped'] or 'nothing'}; written to {out}")
+
+
+@app.command("train-recommender")
+@_command
+def train_recommender_cmd(
+    dataset_dir: Path = typer.Argument(..., help="Folder made by `stepsaver dataset`."),
+    out: Path = typer.Option(Path("runs/recommender"), "--out", "-o"),
+    preset: str = typer.Option("default", "--preset", help="default (validates best) or paper (lr 2e-3, bs 16, 5 ep)."),
+    class_weights: bool = typer.Option(False, "--class-weights", help="Weight the loss by inverse class frequency."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override the preset's epochs."),
+    model: str = typer.Option("tiny", "--model", help="Which pipeline the labels were made with (recorded)."),
+    seed: int = typer.Option(0, "--seed"),
+    report: str | None = typer.Option(None, "--report", help="Also write docs/results/<name>.{json,md}."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fine-tune MiniLM-L6 on step labels, with majority / TF-IDF / frozen-embedding baselines."""
+    from stepsaver.predict.train import train_recommender
+
+    log = (lambda _m: None) if as_json else (lambda m: err_console.print(m, highlight=False))
+    result = train_recommender(dataset_dir, out, preset, model=model, class_weights=class_weights, seed=seed,
+                               epochs=epochs, log=log)
+    rows = [{"model": r["model"], "val_acc": r["val"].get("accuracy"), "test_acc": r["test"].get("accuracy"),
+             "test_f1": r["test"].get("f1_macro"), "test_bal_acc": r["test_balanced"].get("accuracy"),
+             "test_bal_f1": r["test_balanced"].get("f1_macro"), "val_loss": r["val"].get("log_loss"),
+             "T": r["temperature"], "selected": r.get("selected", False)} for r in result["rows"]]
+    if report:
+        from stepsaver.measure.report import write_report
+
+        write_report(report, rows, title="Step recommender vs baselines",
+                     summary=f"Classes {result['classes']}; selected: {result['selected']}; "
+                             f"ONNX int8: {result['int8']} (val accuracy {result['onnx_val_accuracy']}).",
+                     extra={"detail": result})
+    if as_json:
+        print(json.dumps({"rows": rows, "selected": result["selected"], "out": result["out"],
+                          "confusion": result["confusion"]}, default=str))
+        return
+    table = Table("model", "val acc", "test acc", "test F1", "bal. acc", "bal. F1", "val NLL", "T",
+                  title="step recommender", title_justify="left")
+    for r in rows:
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(("* " if r["selected"] else "") + r["model"], f(r["val_acc"]), f(r["test_acc"]),
+                      f(r["test_f1"]), f(r["test_bal_acc"]), f(r["test_bal_f1"]), f(r["val_loss"]), f(r["T"]))
+    out_console.print(table)
+    out_console.print(f"saved to {result['out']} (confusion matrix: {result['confusion']})")
+
+
+@app.command()
+@_command
+def recommend(
+    prompts: list[str] = typer.Argument(..., help="One or more prompts."),
+    recommender: str = typer.Option("tiny", "--recommender", "-r", help="'tiny' (shipped) or a saved folder."),
+    confidence: float | None = typer.Option(None, "--confidence",
+                                            help="Fewest steps s with P(label <= s) >= this (default: argmax)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recommend a step count per prompt, with class probabilities and milliseconds."""
+    from stepsaver.predict.recommender import StepRecommender
+
+    rec = StepRecommender.load(recommender)
+    recs = rec.recommend(prompts, confidence=confidence)
+    if as_json:
+        payload = [r.to_dict() for r in recs]
+        print(json.dumps(payload[0] if len(payload) == 1 else {"recommendations": payload}))
+        return
+    table = Table("prompt", "steps", "probabilities", "ms", title="recommended steps", title_justify="left")
+    for r in recs:
+        probs = " ".join(f"{k}:{v:.2f}" for k, v in r.probabilities.items() if v >= 0.01)
+        table.add_row(r.prompt[:60] + ("" if r.english else " (non-English)"), str(r.steps), probs,
+                      f"{r.milliseconds:.2f}")
+    out_console.print(table)
+    for r in recs:
+        if r.note:
+            err_console.print(f"note: {r.note}", highlight=False)
 
 
 @app.command("train-vae")

@@ -74,9 +74,37 @@ def validate_request(prompt: str, steps: int, guidance: float) -> None:
         raise StepsaverError(f"guidance must be >= 0 (0 or 1 disables CFG), got {guidance}")
 
 
-def generate(pipe, prompt: str, steps: int = 30, seed: int | None = 0, guidance: float = 5.0,
-             guidance_rescale: float = 0.0, **call_kwargs: Any) -> GenerationResult:
-    """Run ``pipe`` on one prompt and return the images with steps, denoiser calls and seconds."""
+def resolve_steps(prompt: str, steps: int | str, recommender: Any = None,
+                  confidence: float | None = None) -> tuple[int, dict[str, Any]]:
+    """``steps`` as given, or ``"auto"``: ask the step recommender (Predict) for this prompt."""
+    if steps != "auto":
+        if isinstance(steps, str):
+            try:
+                steps = int(steps)
+            except ValueError:
+                raise StepsaverError(f"steps must be an integer or 'auto', got {steps!r}") from None
+        return steps, {}
+    validate_request(prompt, 1, 0.0)
+    from stepsaver.predict.recommender import StepRecommender
+
+    rec = recommender if recommender is not None else StepRecommender.load("tiny")
+    if isinstance(rec, str):
+        rec = StepRecommender.load(rec)
+    r = rec.recommend(prompt, confidence=confidence)
+    return r.steps, {"steps_source": "recommended", "recommend_ms": round(r.milliseconds, 3),
+                     "confidence": confidence, "steps_saved_vs_50": 50 - r.steps}
+
+
+def generate(pipe, prompt: str, steps: int | str = 30, seed: int | None = 0, guidance: float = 5.0,
+             guidance_rescale: float = 0.0, recommender: Any = None, confidence: float | None = None,
+             **call_kwargs: Any) -> GenerationResult:
+    """Run ``pipe`` on one prompt and return the images with steps, denoiser calls and seconds.
+
+    ``steps="auto"`` lets the step recommender choose (``recommender``: a
+    :class:`~stepsaver.predict.StepRecommender`, a saved folder, or None for the shipped one;
+    ``confidence`` as in :meth:`StepRecommender.recommend`).
+    """
+    steps, auto = resolve_steps(prompt, steps, recommender, confidence)
     validate_request(prompt, steps, guidance)
     if not 0.0 <= guidance_rescale <= 1.0:
         raise StepsaverError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
@@ -95,13 +123,13 @@ def generate(pipe, prompt: str, steps: int = 30, seed: int | None = 0, guidance:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-    made, extra = calls[0], {}
+    made, extra = calls[0], dict(auto)
     from stepsaver.skip import skip_report
 
     report = skip_report(pipe)  # the Skip hook answers some calls from its cache: count real runs
     if report is not None:
         made = report.denoiser_calls
-        extra = {"denoiser_calls_saved": report.calls_saved, "skipped_steps": report.skipped_steps(0)}
+        extra.update(denoiser_calls_saved=report.calls_saved, skipped_steps=report.skipped_steps(0))
     return GenerationResult(images=list(out.images), prompt=prompt, steps=steps, denoiser_calls=made,
                             seconds=seconds, seed=seed, guidance=guidance,
                             scheduler=type(pipe.scheduler).__name__, extra=extra)

@@ -10,6 +10,7 @@ a time, so a killed run resumes where it stopped and never relabels a finished p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -40,7 +41,8 @@ def parse_grid(spec: str) -> tuple[int, ...]:
         else:
             grid = tuple(int(x) for x in spec.split(","))
     except ValueError:
-        raise StepsaverError(f"cannot read step grid {spec!r}; write start:stop:step (10:100:10) or a list (10,20,50)") from None
+        raise StepsaverError(f"cannot read step grid {spec!r}; write start:stop:step (10:100:10) "
+                             "or a list (10,20,50)") from None
     return check_grid(grid)
 
 
@@ -105,8 +107,13 @@ class Labeler:
             renders[n] = np.asarray(out.images, dtype=np.float32)
         return renders, seconds
 
-    def label(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        """Render, score and label a batch; one row per prompt."""
+    def label(self, prompts: Sequence[str], keep_images: bool = False) -> list[dict[str, Any]]:
+        """Render, score and label a batch; one row per prompt.
+
+        ``keep_images`` adds each prompt's renders as ``row["images"]`` (``[K,H,W,3]`` uint8), which
+        the store saves beside the labels: the sweep already made every fixed-step image a
+        benchmark needs, so keeping them saves a second sweep.
+        """
         from stepsaver.measure.quality import ssim
 
         cfg = self.config
@@ -135,6 +142,8 @@ class Labeler:
                 "seed": cfg.seed,
                 "guidance": cfg.guidance,
             })
+            if keep_images:
+                rows[-1]["images"] = (stack[i].permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
         return rows
 
 
@@ -175,10 +184,23 @@ class LabelStore:
                 except json.JSONDecodeError:
                     continue
 
+    def render_path(self, prompt: str) -> Path:
+        """Where the sweep's renders of ``prompt`` are kept (``[K,H,W,3]`` uint8, K = grid size)."""
+        return self.root / "renders" / f"{hashlib.sha1(prompt.encode()).hexdigest()[:20]}.npy"
+
     def append(self, rows: list[dict[str, Any]]) -> None:
+        """Append finished rows (their renders first, so a labelled row always has its images)."""
         fresh = [r for r in rows if r["prompt"] not in self.done]
         if not fresh:
             return
+        for r in fresh:
+            images = r.pop("images", None)
+            if images is not None:
+                path = self.render_path(r["prompt"])
+                path.parent.mkdir(exist_ok=True)
+                np.save(path.with_suffix(".tmp.npy"), images)
+                os.replace(path.with_suffix(".tmp.npy"), path)
+                r["renders"] = str(path.relative_to(self.root))
         self._repair_tail()
         with self.path.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in fresh))
@@ -211,13 +233,15 @@ def _batches(prompts: list[str], size: int) -> list[list[str]]:
 
 def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig = LabelConfig(), *,
                   batch: int = 16, workers: int = 1, device: str = "auto", ray_address: str | None = None,
-                  on_batch: Callable[[int], None] | None = None, pipe=None) -> LabelStore:
+                  on_batch: Callable[[int], None] | None = None, pipe=None,
+                  save_images: bool = False) -> LabelStore:
     """Label every prompt not yet in ``out`` and return the store.
 
     ``workers == 1`` labels in this process; ``workers > 1`` starts that many Ray actors (a local
     Ray, or the cluster at ``ray_address`` / ``RAY_ADDRESS``), each with its own pipeline, and
     this process alone writes, so the output has no duplicates whatever order batches finish in.
-    ``on_batch(n)`` is called with the number of prompts each finished batch added.
+    ``on_batch(n)`` is called with the number of prompts each finished batch added;
+    ``save_images`` keeps every render under ``out/renders/``.
     """
     if batch < 1 or workers < 1:
         raise StepsaverError(f"batch and workers must be >= 1, got batch={batch}, workers={workers}")
@@ -232,11 +256,11 @@ def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig =
     if workers == 1:
         labeler = Labeler(config, device=device, pipe=pipe)
         for chunk in batches:
-            store.append(labeler.label(chunk))
+            store.append(labeler.label(chunk, keep_images=save_images))
             if on_batch:
                 on_batch(len(chunk))
         return store
-    for rows in _ray_label(batches, config, workers, device, ray_address):
+    for rows in _ray_label(batches, config, workers, device, ray_address, save_images):
         store.append(rows)
         if on_batch:
             on_batch(len(rows))
@@ -244,7 +268,7 @@ def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig =
 
 
 def _ray_label(batches: list[list[str]], config: LabelConfig, workers: int, device: str,
-               ray_address: str | None) -> Iterator[list[dict[str, Any]]]:
+               ray_address: str | None, save_images: bool) -> Iterator[list[dict[str, Any]]]:
     import ray
     from ray.util import ActorPool
 
@@ -260,7 +284,7 @@ def _ray_label(batches: list[list[str]], config: LabelConfig, workers: int, devi
             self.labeler = Labeler(cfg, device=dev)
 
         def label(self, chunk: list[str]) -> list[dict[str, Any]]:
-            return self.labeler.label(chunk)
+            return self.labeler.label(chunk, keep_images=save_images)
 
     actors = [LabelWorker.remote(config, device, cpus) for _ in range(workers)]
     try:

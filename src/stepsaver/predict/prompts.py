@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stepsaver.errors import StepsaverError
 
-PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "text", "Text", "prompts")
+PROMPT_COLUMNS = ("prompt", "Prompt", "Prompts", "prompts", "caption", "text", "Text")
 FORMATS = (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 

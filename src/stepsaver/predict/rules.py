@@ -59,7 +59,8 @@ def converged(steps: Sequence[int], ref_ssim: Sequence[float], tau: float = DEFA
     """
     grid = check_grid(steps)
     if len(ref_ssim) != len(grid):
-        raise StepsaverError(f"need {len(grid)} reference similarities for {len(grid)} step counts, got {len(ref_ssim)}")
+        raise StepsaverError(f"need {len(grid)} reference similarities for {len(grid)} step counts, "
+                             f"got {len(ref_ssim)}")
     if not 0.0 < tau <= 1.0:
         raise StepsaverError(f"tau must be in (0, 1], got {tau}")
     for k, s in enumerate(ref_ssim[:-1]):

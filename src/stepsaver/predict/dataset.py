@@ -1,0 +1,171 @@
+"""From label files to train/val/test splits, the way StepSaver prepared its LAION labels.
+
+Order of operations (each step's class counts are recorded): drop empty, duplicate and
+non-English prompts; label by the chosen rule; hold out the test set from the *unbalanced*
+rows (so the test set reflects the prompts users send; a balanced copy is derived from it);
+then, on the rest, optionally drop classes under a minimum count (the paper dropped its rare
+20 class) and undersample the majority class down to the next largest (the paper did this for
+its 30 class); finally a 9:1 train/val split, stratified, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from stepsaver.errors import StepsaverError
+from stepsaver.predict.language import is_english
+from stepsaver.predict.rules import DEFAULT_TAU, apply_rule
+
+SPLITS = ("train", "val", "test", "test_balanced")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    rule: str = "converged"
+    tau: float = DEFAULT_TAU
+    english_only: bool = True
+    balance: str = "none"  # "none" | "undersample"
+    min_count: int = 0  # drop classes with fewer training rows than this (0 keeps all)
+    test: float = 0.2  # fraction (< 1) or a row count (>= 1)
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("none", "undersample"):
+            raise StepsaverError(f"balance must be 'none' or 'undersample', got {self.balance!r}")
+        if self.test < 0 or not 0 <= self.val_fraction < 1:
+            raise StepsaverError(f"test must be >= 0 and val fraction in [0, 1), got {self.test}, {self.val_fraction}")
+
+
+def read_label_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Rows of ``labels.jsonl`` / ``labels.parquet`` files or of folders that hold one."""
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            p = p / "labels.jsonl"
+        if not p.exists():
+            raise StepsaverError(f"labels file {p} does not exist; make it with `stepsaver label`")
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows.extend(pq.read_table(p).to_pylist())
+            continue
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if lineno == sum(1 for _ in p.open(encoding="utf-8")):
+                        continue  # a torn last line of an interrupted `stepsaver label` run
+                    raise StepsaverError(f"{p}, line {lineno}: not valid JSON") from None
+    for i, r in enumerate(rows):
+        missing = {"prompt", "steps", "ssim_next", "ssim_ref"} - set(r)
+        if missing:
+            raise StepsaverError(f"label row {i} lacks {sorted(missing)}; is this a `stepsaver label` output?")
+    return rows
+
+
+def counts(labels: Iterable[int]) -> dict[int, int]:
+    return dict(sorted(collections.Counter(labels).items()))
+
+
+def _stratified_take(items: list[tuple[str, int]], n: int, rng: random.Random) -> tuple[list, list]:
+    """Take about ``n`` items with class proportions kept; return (taken, rest)."""
+    by: dict[int, list] = collections.defaultdict(list)
+    for it in items:
+        by[it[1]].append(it)
+    taken, rest = [], []
+    total = len(items)
+    for _label, group in sorted(by.items()):
+        rng.shuffle(group)
+        k = round(n * len(group) / total) if total else 0
+        taken += group[:k]
+        rest += group[k:]
+    return taken, rest
+
+
+def prepare_dataset(rows: Sequence[dict[str, Any]], config: DatasetConfig = DatasetConfig()) -> dict[str, Any]:
+    """Splits (lists of ``{"prompt", "label"}``) plus the class counts after every stage."""
+    rng = random.Random(config.seed)
+    stages: dict[str, dict[int, int]] = {}
+    seen: set[str] = set()
+    clean: list[tuple[str, int]] = []
+    dropped = collections.Counter()
+    for r in rows:
+        prompt = str(r["prompt"]).strip()
+        if not prompt:
+            dropped["empty"] += 1
+            continue
+        if prompt in seen:
+            dropped["duplicate"] += 1
+            continue
+        if config.english_only and not is_english(prompt):
+            dropped["non_english"] += 1
+            continue
+        seen.add(prompt)
+        clean.append((prompt, apply_rule(config.rule, r["steps"], r["ssim_next"], r["ssim_ref"], config.tau)))
+    stages["labelled"] = counts(lab for _, lab in clean)
+    if len(stages["labelled"]) < 2:
+        raise StepsaverError(f"the labels hold {len(stages['labelled'])} class(es) {stages['labelled']} under rule "
+                             f"{config.rule!r}; a recommender needs >= 2: label more prompts, "
+                             "or try another rule/--tau")
+    n_test = int(config.test) if config.test >= 1 else round(config.test * len(clean))
+    test, pool = _stratified_take(clean, n_test, rng)
+    stages["test"] = counts(lab for _, lab in test)
+    if config.min_count > 0:
+        keep = {lab for lab, c in counts(lab for _, lab in pool).items() if c >= config.min_count}
+        pool = [it for it in pool if it[1] in keep]
+        test = [it for it in test if it[1] in keep]
+    if config.balance == "undersample":
+        c = counts(lab for _, lab in pool)
+        if len(c) >= 2:
+            major = max(c, key=c.get)
+            cap = sorted(c.values())[-2]
+            majors = [it for it in pool if it[1] == major]
+            rng.shuffle(majors)
+            pool = [it for it in pool if it[1] != major] + majors[:cap]
+    stages["pool"] = counts(lab for _, lab in pool)
+    if len(stages["pool"]) < 2:
+        raise StepsaverError(f"after --min-count {config.min_count} only {stages['pool']} remain; lower it")
+    val, train = _stratified_take(pool, round(config.val_fraction * len(pool)), rng)
+    rng.shuffle(train)
+    tc = counts(lab for _, lab in test)
+    per = min(tc.values()) if tc else 0
+    balanced: list[tuple[str, int]] = []
+    for lab in tc:
+        group = [it for it in test if it[1] == lab]
+        rng.shuffle(group)
+        balanced += group[:per]
+    splits = {"train": train, "val": val, "test": test, "test_balanced": balanced}
+    for name in SPLITS:
+        stages[name] = counts(lab for _, lab in splits[name])
+    return {"splits": {k: [{"prompt": p, "label": lab} for p, lab in v] for k, v in splits.items()},
+            "counts": stages, "dropped": dict(dropped), "config": asdict(config),
+            "classes": sorted(stages["pool"])}
+
+
+def write_dataset(dataset: dict[str, Any], out: str | Path) -> Path:
+    """``train/val/test/test_balanced.jsonl`` + ``dataset.json`` (config, counts, classes)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in dataset["splits"].items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    meta = {k: v for k, v in dataset.items() if k != "splits"}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_split(folder: str | Path, name: str) -> list[dict[str, Any]]:
+    path = Path(folder) / f"{name}.jsonl"
+    if not path.exists():
+        raise StepsaverError(f"{path} does not exist; make the dataset with `stepsaver dataset`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

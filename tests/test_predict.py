@@ -1,0 +1,215 @@
+"""Predict: labelling rules, prompt files, language filter, the sweep, datasets, the recommender."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stepsaver.errors import StepsaverError
+from stepsaver.predict import converged, first_decline, parse_grid, read_prompts
+from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, write_dataset
+from stepsaver.predict.language import is_english
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+GRID = list(range(10, 101, 10))
+
+
+# ---- rules -----------------------------------------------------------------------------------
+def test_first_decline_paper_example():
+    # SSIMs rise 0.5261 ... 0.6769, then drop to 0.4103 for the pair 50->60: the label is 50
+    s = [0.5261, 0.58, 0.62, 0.6769, 0.4103, 0.7, 0.8, 0.85, 0.9]
+    assert first_decline(GRID, s) == 50
+
+
+def test_first_decline_edges():
+    assert first_decline(GRID, [0.5 + 0.01 * i for i in range(9)]) == 100  # never declines: spend the max
+    assert first_decline(GRID, [0.9, 0.9, 0.9, 0.8, 0.95, 0.95, 0.95, 0.95, 0.95]) == 40  # ties are not declines
+    assert first_decline(GRID, [0.9, 0.5, 0.95, 0.1, 0.95, 0.95, 0.95, 0.95, 0.95]) == 20  # the first decline wins
+    with pytest.raises(StepsaverError, match="consecutive"):
+        first_decline(GRID, [0.5] * 5)
+
+
+def test_converged_rule():
+    ref = [0.5, 0.8, 0.95, 0.97, 0.99, 0.99, 0.99, 0.99, 0.99, 0.2]  # last entry counts as 1 whatever is stored
+    assert converged(GRID, ref, 0.9) == 30
+    assert converged(GRID, ref, 0.999) == 100
+    assert converged(GRID, ref, 0.5) == 10
+    with pytest.raises(StepsaverError, match="tau"):
+        converged(GRID, ref, 0.0)
+
+
+def test_grid_parsing_and_validation():
+    assert parse_grid("10:100:10") == tuple(GRID)
+    assert parse_grid("10,20,50") == (10, 20, 50)
+    for bad in ("10:100:0", "20,10", "10", "a:b:c", "0,5"):
+        with pytest.raises(StepsaverError):
+            parse_grid(bad)
+
+
+# ---- prompt files ------------------------------------------------------------------------------
+def test_shared_prompt_files_load():
+    if not SHARED.exists():
+        pytest.skip("../shared/data/prompts not present")
+    assert len(read_prompts(SHARED / "PartiPrompts.tsv")) == 1632
+    assert len(read_prompts(SHARED / "DrawBench.csv")) == 200
+    assert len(read_prompts(SHARED / "geneval" / "evaluation_metadata.jsonl")) == 553
+    assert len(read_prompts(SHARED / "coco" / "coco_val2017_5k_first_caption.tsv")) == 5000
+    assert len(read_prompts(SHARED / "t2i_compbench" / "color_val.txt")) == 300
+
+
+def test_prompt_formats_and_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n"a dog"\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog"]
+    pq.write_table(pa.table({"text": ["a cat", "a dog"]}), tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet") == ["a cat", "a dog"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"\n')
+    with pytest.raises(StepsaverError, match="line 2"):
+        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "p.csv").write_text("id,words\n1,a cat\n")
+    with pytest.raises(StepsaverError, match="--column"):
+        read_prompts(tmp_path / "p.csv")
+    assert read_prompts(tmp_path / "p.csv", column="words") == ["a cat"]
+    (tmp_path / "short.csv").write_text("id,prompt\n1,a cat\n2\n")
+    with pytest.raises(StepsaverError, match="line 3"):
+        read_prompts(tmp_path / "short.csv")
+    with pytest.raises(StepsaverError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_language_filter_keeps_real_english_and_drops_others():
+    if SHARED.exists():
+        parti = read_prompts(SHARED / "PartiPrompts.tsv")
+        assert sum(not is_english(p) for p in parti) == 0
+    for text in ("un chat assis sur une chaise rouge", "ein Hund spielt im Garten mit einem Ball",
+                 "一只猫坐在桌子上", "кошка сидит на красном стуле", "uma casa amarela perto do rio"):
+        assert not is_english(text), text
+    assert is_english("a small red apple at the top left on a blue background")
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd15_pipe(tiny_folders):
+    from stepsaver import load_pipeline
+
+    return load_pipeline(str(tiny_folders["sd15"]), device="cpu")
+
+
+def test_sweep_uses_generate_noise_and_resumes(sd15_pipe, tmp_path):
+    from stepsaver import generate
+    from stepsaver.predict import LabelConfig, Labeler, label_prompts
+
+    cfg = LabelConfig(model="tiny-sd15", steps=(2, 3, 4), guidance=3.0)
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    rows = Labeler(cfg, pipe=sd15_pipe).label(prompts[:2], keep_images=True)
+    # the render at each step count equals what `generate` makes with the same seed, batch or not
+    ref = np.asarray(generate(sd15_pipe, "a blue dog", steps=3, seed=0, guidance=3.0).images[0], dtype=np.float32)
+    assert np.abs(rows[1]["images"][1].astype(np.float32) - ref).max() <= 2
+    assert len(rows[0]["ssim_next"]) == 2 and len(rows[0]["ssim_ref"]) == 3 and rows[0]["ssim_ref"][-1] == 1.0
+
+    seen = []
+    store = label_prompts(prompts[:2], tmp_path, cfg, batch=2, pipe=sd15_pipe, on_batch=seen.append,
+                          save_images=True)
+    with store.path.open("a") as f:  # a run killed mid-write leaves a torn line
+        f.write('{"prompt": "a green')
+    store = label_prompts(prompts + ["a red cat"], tmp_path, cfg, batch=2, pipe=sd15_pipe)
+    lines = store.path.read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in lines] == prompts  # no duplicates, torn line replaced
+    assert store.render_path("a red cat").exists() and np.load(store.render_path("a red cat")).shape[0] == 3
+    with pytest.raises(StepsaverError, match="other settings"):
+        label_prompts(prompts, tmp_path, LabelConfig(model="tiny-sd15", steps=(2, 4)), pipe=sd15_pipe)
+
+
+# ---- dataset -----------------------------------------------------------------------------------
+def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
+    """Label rows whose converged label is decided by the prompt's object count (learnable)."""
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "apple", "car", "tree", "boat", "star", "moon", "cake", "bell", "fish", "leaf"]
+    rows = []
+    for i in range(n):
+        k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))  # unequal classes
+        objs = rng.choice(words, size=k, replace=False)
+        prompt = " and ".join(f"a {o}" for o in objs) + f" on background {i}"
+        conv = {1: 10, 2: 30, 3: 60}[k]
+        ref = [0.5 if s < conv else 0.99 for s in GRID]
+        rows.append({"prompt": prompt, "steps": GRID, "ssim_next": [0.9] * 9, "ssim_ref": ref})
+    return rows
+
+
+def test_dataset_splits_counts_and_balancing(tmp_path):
+    rows = synthetic_rows()
+    rows += [dict(rows[0]), {**rows[1], "prompt": "  "}, {**rows[2], "prompt": "un chat assis sur une chaise rouge"}]
+    ds = prepare_dataset(rows, DatasetConfig(rule="converged", tau=0.9, test=0.2))
+    assert ds["dropped"] == {"duplicate": 1, "empty": 1, "non_english": 1}
+    sp = ds["splits"]
+    prompts = [set(r["prompt"] for r in sp[s]) for s in ("train", "val", "test")]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert sum(len(p) for p in prompts) == 240
+    assert ds["classes"] == [10, 30, 60]
+    bal = ds["counts"]["test_balanced"]
+    assert len(set(bal.values())) == 1  # balanced test: equal class counts
+    under = prepare_dataset(rows, DatasetConfig(balance="undersample", tau=0.9))
+    pool = under["counts"]["pool"]
+    assert max(pool.values()) == sorted(pool.values())[-2]
+    dropped = prepare_dataset(rows, DatasetConfig(min_count=45, tau=0.9))  # the ~15% class (60) goes
+    assert dropped["classes"] == [10, 30] and 60 not in dropped["counts"]["test"]
+    write_dataset(ds, tmp_path)
+    assert (tmp_path / "train.jsonl").exists() and json.loads((tmp_path / "dataset.json").read_text())["classes"]
+    with pytest.raises(StepsaverError, match="class"):
+        prepare_dataset(rows, DatasetConfig(rule="converged", tau=0.1))  # everything converges at 10
+
+
+# ---- the recommender ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from stepsaver.predict.train import train_recommender
+
+    root = tmp_path_factory.mktemp("rec")
+    write_dataset(prepare_dataset(synthetic_rows(), DatasetConfig(tau=0.9)), root / "ds")
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("STEPSAVER_CACHE", str(root / "cache"))
+    result = train_recommender(root / "ds", root / "rec", epochs=3, lrs=[3e-4], log=lambda _m: None)
+    yield root / "rec", result
+    monkey.undo()
+
+
+def test_training_reports_baselines_and_learns(trained):
+    _, result = trained
+    names = [r["model"] for r in result["rows"]]
+    assert names[:3] == ["majority class", "TF-IDF + logistic regression", "frozen MiniLM + logistic regression"]
+    selected = next(r for r in result["rows"] if r.get("selected"))
+    majority = result["rows"][0]
+    assert selected["test"]["accuracy"] > majority["test"]["accuracy"] + 0.2  # object count is learnable
+    assert Path(result["confusion"]).exists()
+
+
+def test_recommend_fast_path(trained):
+    from stepsaver.predict import StepRecommender
+
+    path, _ = trained
+    onnx, torch_path = StepRecommender.load(path), StepRecommender.load(path, backend="torch")
+    prompts = ["a cat on background 5", "a cat and a dog and a boat on background 7"]
+    p1, p2 = onnx.predict_proba(prompts), torch_path.predict_proba(prompts)
+    assert np.allclose(p1.sum(1), 1) and np.abs(p1 - p2).max() < 0.1  # int8 ONNX ~ fp32 torch
+    r = onnx.recommend(prompts[0])
+    assert r.steps in (10, 30, 60) and r.milliseconds >= 0 and r.english
+    safe = [onnx.recommend(prompts[1], confidence=c).steps for c in (0.5, 0.9, 0.999)]
+    assert safe == sorted(safe)  # more confidence never means fewer steps
+    assert onnx.recommend(prompts[1], confidence=1.0).steps == 60
+    assert prompts[0] in onnx._cache  # LRU cache
+    note = onnx.recommend("un chat assis sur une chaise rouge")
+    assert not note.english and "English" in note.note
+    assert onnx.recommend("a " * 5000).steps in (10, 30, 60)  # long prompts are truncated, not an error
+    with pytest.raises(StepsaverError, match="empty"):
+        onnx.recommend("   ")
+    with pytest.raises(StepsaverError, match="characters"):
+        onnx.recommend("x" * 10_001)
+    with pytest.raises(StepsaverError, match="confidence"):
+        onnx.recommend("a cat", confidence=1.5)
+    with pytest.raises(StepsaverError, match="no recommender"):
+        StepRecommender.load(path / "missing")
