@@ -463,6 +463,75 @@ def bench_time_cmd(
     _emit({"ms_per_step": fit["slope"] * 1e3, "fixed_s": fit["intercept"], "r2": fit["r2"],
            "report": result["md"], "plot": result["plot"]}, as_json, "time vs steps")
 
+@bench_app.command("recommend")
+@_command
+def bench_recommend_cmd(
+    recommender: str = typer.Option("tiny", "--recommender", "-r", help="'tiny' (shipped) or a saved folder."),
+    prompts: Path | None = typer.Option(None, "--prompts", "-p", help="Prompt file (default: held-out scene prompts)."),
+    n: int = typer.Option(2000, "--n", help="Prompts for the throughput run."),
+    n_single: int = typer.Option(200, "--n-single", help="Distinct prompts for single-prompt latency."),
+    batch: int = typer.Option(256, "--batch"),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: 2)."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recommender p50 latency and prompts/s: PyTorch fp32 vs ONNX fp32 vs ONNX int8."""
+    from stepsaver.predict.bench import bench_recommend
+    from stepsaver.predict.prompts import read_prompts
+
+    if prompts is not None:
+        texts = read_prompts(prompts)[:n]
+    else:
+        from stepsaver.shrink.scenes import SceneGenerator
+
+        gen = SceneGenerator(seed=7, split="eval")
+        texts = [gen.sample(i).caption for i in range(n)]
+    if not texts:
+        raise StepsaverError("no prompts to time")
+    result = bench_recommend(recommender, texts, n_single=n_single, batch=batch, threads=threads, out_dir=out_dir)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("path", "p50 ms", "p90 ms", "cache hit ms", "prompts/s", "agree", title="recommender speed",
+                  title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["path"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['cache_hit_ms']:.3f}",
+                      f"{r['prompts_per_s']:,.0f}", f"{r['agreement_with_torch']:.3f}")
+    out_console.print(table)
+    out_console.print(result["summary"])
+
+
+@bench_app.command("flexi")
+@_command
+def bench_flexi_cmd(
+    n: int = typer.Option(500, "--n", help="Held-out scene prompts."),
+    work: Path = typer.Option(Path("runs/labels/eval"), "--work", help="Label folder (resumable; renders kept)."),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    confidence: float = typer.Option(0.8, "--confidence", help="Also report the recommender at this confidence."),
+    steps: str = typer.Option("10:100:10", "--steps", help="Step grid."),
+    scene_seed: int = typer.Option(1, "--scene-seed"),
+    batch: int = typer.Option(32, "--batch"),
+    repeats: int = typer.Option(3, "--repeats", help="Timed batch-1 generations per step count (median)."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """StepSaver's evaluation: fixed steps vs flexi (labels, recommender) vs iso-cost, one run."""
+    from stepsaver.predict.flexi import bench_flexi
+    from stepsaver.predict.label import LabelConfig, parse_grid
+
+    result = bench_flexi(n, scene_seed=scene_seed, work=work, recommender=recommender, confidence=confidence,
+                         config=LabelConfig(steps=parse_grid(steps)), batch=batch, repeats=repeats,
+                         out_dir=out_dir, progress=not as_json)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("method", "steps", "FID", "adherence", "s/image", "speedup", title="flexi", title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["method"], f"{r['mean_steps']:.1f}", f"{r['fid']:.2f}", f"{r['adherence']:.3f}",
+                      f"{r['mean_s']:.3f}", f"{r['speedup_vs_fixed50']:.2f}x")
+    out_console.print(table)
+    out_console.print(result["summary"])
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -132,6 +132,8 @@ class RecommenderConfig:
     trainable_layers: int | None = 2
     int8: bool = True
     model: str = "tiny"
+    rule: str = "converged"
+    tau: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -263,7 +263,8 @@ def train_recommender(dataset: str | Path, out: str | Path, preset: str = "defau
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, out / WEIGHTS_FILE)
     config = RecommenderConfig(classes=classes, temperature=row["temperature"],
-                               trainable_layers=p["trainable_layers"], int8=True, model=model)
+                               trainable_layers=p["trainable_layers"], int8=True, model=model,
+                               rule=meta["config"]["rule"], tau=meta["config"]["tau"])
     (out / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=1))
     # int8 ONNX must keep validation accuracy, else ship fp32 ONNX
     val_acc = {}

@@ -1,0 +1,111 @@
+"""``stepsaver bench recommend``: is the recommender real-time? p50 latency and throughput.
+
+Three paths of the same classifier, timed in one run on the same prompts: PyTorch fp32 (the
+reference), ONNX Runtime fp32 and ONNX Runtime int8 (dynamic quantisation). Single-prompt
+latency is the median over distinct prompts with the LRU cache cleared (a cache hit is timed
+separately: it is what repeated prompts cost); throughput is prompts per second over batches.
+Targets from the issue: p50 <= 2 ms for one prompt, >= 2,000 prompts/s batched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepsaver.predict.recommender import StepRecommender
+
+TARGET_P50_MS = 2.0
+TARGET_PER_SECOND = 2000.0
+
+
+def _latencies(rec: StepRecommender, prompts: Sequence[str]) -> np.ndarray:
+    out = []
+    for p in prompts:
+        rec._cache.clear()
+        t0 = time.perf_counter()
+        rec.recommend(p)
+        out.append(time.perf_counter() - t0)
+    return np.array(out) * 1000
+
+
+def _throughput(rec: StepRecommender, prompts: Sequence[str], batch: int, repeats: int = 3) -> float:
+    rates = []
+    for _ in range(repeats):
+        rec._cache.clear()
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            rec.predict_proba(list(prompts[i:i + batch]))
+        rates.append(len(prompts) / (time.perf_counter() - t0))
+    return float(np.median(rates))
+
+
+def bench_recommend(recommender: str | Path, prompts: Sequence[str], *, n_single: int = 200, batch: int = 256,
+                    threads: int | None = None, out_dir: str | Path = "docs/results",
+                    name: str = "recommender-speed") -> dict[str, Any]:
+    """Time the torch, ONNX fp32 and ONNX int8 paths; write ``<name>.json/.md/.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stepsaver.measure.report import write_report
+
+    prompts = list(dict.fromkeys(prompts))
+    single = prompts[:n_single]
+    rows, dists = [], {}
+    base = StepRecommender.load(recommender, backend="torch")
+    reference = base.predict_proba(single).argmax(1)
+    for label, kwargs, int8 in (("PyTorch fp32", {"backend": "torch"}, None),
+                                ("ONNX Runtime fp32", {"backend": "onnx"}, False),
+                                ("ONNX Runtime int8", {"backend": "onnx"}, True)):
+        rec = StepRecommender.load(recommender, threads=threads, **kwargs) if int8 is None else None
+        if int8 is not None:
+            rec = StepRecommender.load(recommender, backend="torch")
+            rec.config.int8 = int8
+            rec._session = rec._onnx_session(threads)
+        for p in single[:10]:  # warm-up
+            rec.recommend(p)
+        lat = _latencies(rec, single)
+        rec.recommend(single[0])
+        t0 = time.perf_counter()
+        for _ in range(100):
+            rec.recommend(single[0])
+        hit_ms = (time.perf_counter() - t0) * 10
+        rate = _throughput(rec, prompts, batch)
+        agree = float((rec.predict_proba(single).argmax(1) == reference).mean())
+        dists[label] = lat
+        rows.append({"path": label, "p50_ms": float(np.median(lat)), "p90_ms": float(np.percentile(lat, 90)),
+                     "cache_hit_ms": hit_ms, "prompts_per_s": rate, "agreement_with_torch": agree,
+                     "p50_target_met": bool(np.median(lat) <= TARGET_P50_MS),
+                     "throughput_target_met": bool(rate >= TARGET_PER_SECOND)})
+    torch_row = rows[0]
+    for r in rows:
+        r["speedup_p50_vs_torch"] = torch_row["p50_ms"] / r["p50_ms"]
+        r["speedup_throughput_vs_torch"] = r["prompts_per_s"] / torch_row["prompts_per_s"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.boxplot(list(dists.values()), tick_labels=list(dists), showfliers=False)
+    ax.axhline(TARGET_P50_MS, color="red", ls="--", lw=1, label=f"target p50 {TARGET_P50_MS} ms")
+    ax.set_ylabel("ms per prompt (batch 1, cache cleared)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plot = out / f"{name}.png"
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    best = min(rows, key=lambda r: r["p50_ms"])
+    fastest = max(rows, key=lambda r: r["prompts_per_s"])
+    summary = (f"{len(single)} distinct prompts for latency, {len(prompts)} for throughput (batch {batch}). "
+               f"Best p50: {best['path']} {best['p50_ms']:.2f} ms (target <= {TARGET_P50_MS} ms: "
+               f"{'met' if best['p50_target_met'] else 'NOT met'}); best throughput: {fastest['path']} "
+               f"{fastest['prompts_per_s']:,.0f} prompts/s (target >= {TARGET_PER_SECOND:,.0f}: "
+               f"{'met' if fastest['throughput_target_met'] else 'NOT met'}). Repeated prompts are served from "
+               f"the LRU cache in {fastest['cache_hit_ms']:.3f} ms.")
+    paths = write_report(name, rows, title="Step recommender: latency and throughput", summary=summary,
+                         plots=[plot], out_dir=out)
+    return {"rows": rows, "summary": summary, **{k: str(v) for k, v in paths.items()}}
