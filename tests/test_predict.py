@@ -213,3 +213,57 @@ def test_recommend_fast_path(trained):
         onnx.recommend("a cat", confidence=1.5)
     with pytest.raises(StepsaverError, match="no recommender"):
         StepRecommender.load(path / "missing")
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from stepsaver.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_label_dataset_recommend_and_generate_auto(trained, tiny_folders, tmp_path):
+    (tmp_path / "p.txt").write_text("a red cat\na blue dog\n")
+    r = _cli("label", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "lab", "--model", tiny_folders["sd15"],
+             "--steps", "2,3,4", "--batch", 2, "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["labelled"] == 2 and (tmp_path / "lab" / "labels.parquet").exists()
+    r = _cli("label", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "lab", "--model", tiny_folders["sd15"],
+             "--steps", "2,3,4", "--json")
+    assert json.loads(r.stdout)["new"] == 0  # resumed: nothing relabelled
+
+    rows = synthetic_rows(120)
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = _cli("dataset", tmp_path / "labels.jsonl", "--out", tmp_path / "ds", "--tau", 0.9, "--json")
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["counts"]) >= {"labelled", "train", "val", "test", "test_balanced"}
+
+    path, _ = trained
+    r = _cli("recommend", "a cat on background 5", "a dog and a boat on background 1", "--recommender", path, "--json")
+    assert r.exit_code == 0, r.output
+    recs = json.loads(r.stdout)["recommendations"]
+    assert len(recs) == 2 and all(x["steps"] in (10, 30, 60) for x in recs)
+    r = _cli("generate", "a small cat on the left, yellow background", "--steps", "auto", "--recommender", path,
+             "--out", tmp_path / "auto.png", "--json")
+    assert r.exit_code == 0, r.output
+    g = json.loads(r.stdout)
+    assert g["steps_source"] == "recommended" and g["steps"] in (10, 30, 60) and g["denoiser_calls"] == g["steps"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["label", "--prompts", "missing.txt", "--out", "x"], "does not exist"),
+    (["label", "--prompts", "{p}", "--out", "x", "--steps", "30,20"], "increasing"),
+    (["label", "--prompts", "{p}", "--out", "x", "--rule", "magic"], "unknown --rule"),
+    (["recommend", "  "], "empty"),
+    (["recommend", "a cat", "--recommender", "nowhere"], "no recommender"),
+    (["generate", "a cat", "--steps", "many"], "integer or 'auto'"),
+    (["dataset", "nowhere.jsonl", "--out", "x"], "does not exist"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    r = _cli(*[a.replace("{p}", str(tmp_path / "p.txt")) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output

@@ -358,8 +358,9 @@ def recommend(
     as_json: bool = JsonOpt,
 ) -> None:
     """Recommend a step count per prompt, with class probabilities and milliseconds."""
-    from stepsaver.predict.recommender import StepRecommender
+    from stepsaver.predict.recommender import StepRecommender, validate_prompts
 
+    validate_prompts(prompts)
     rec = StepRecommender.load(recommender)
     recs = rec.recommend(prompts, confidence=confidence)
     if as_json:

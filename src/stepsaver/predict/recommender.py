@@ -224,11 +224,7 @@ class StepRecommender:
 
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise StepsaverError("prompt is empty; pass the text you will generate from")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise StepsaverError(f"prompt has {len(p):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        validate_prompts(prompts)
         t0 = time.perf_counter()
         probs = self.predict_proba([p.strip() for p in prompts])
         steps = steps_for_confidence(self.classes, probs, confidence)
@@ -240,6 +236,17 @@ class StepRecommender:
             recs.append(Recommendation(p, s, {c: float(v) for c, v in zip(self.classes, row, strict=True)}, ms,
                                        english, note))
         return recs[0] if single else recs
+
+
+def validate_prompts(prompts: Sequence[str]) -> None:
+    """Empty and over-long prompts are the caller's mistake: say so before any model work."""
+    if not prompts:
+        raise StepsaverError("no prompts given")
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise StepsaverError("prompt is empty; pass the text you will generate from")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise StepsaverError(f"prompt has {len(p):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
 
 
 def export_onnx(model, tok, path: Path, int8: bool = True) -> Path:
