@@ -533,6 +533,41 @@ def bench_flexi_cmd(
     out_console.print(table)
     out_console.print(result["summary"])
 
+@bench_app.command("recipe")
+@_command
+def bench_recipe_cmd(
+    vae: Path = typer.Option(Path("runs/vae/vae"), "--vae", help="Trained AutoencoderKL folder."),
+    work: Path = typer.Option(Path("runs/recipe"), "--work", help="Where both runs train (resumable)."),
+    deci: str | None = typer.Option(None, "--deci-pipeline", help="Skip training: a trained Deci pipeline."),
+    sd: str | None = typer.Option(None, "--sd-pipeline", help="Skip training: a trained SD-recipe pipeline."),
+    steps: int = typer.Option(6500, "--train-steps", help="Training steps of each recipe."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    scenes: int = typer.Option(40000, "--scenes"),
+    cache: Path = typer.Option(Path("runs/cache"), "--cache"),
+    n: int = typer.Option(500, "--n", help="Held-out prompts to evaluate."),
+    grid: str = typer.Option("10,20,30,40,50", "--steps", help="DDIM step counts to evaluate."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training (resumable) after this."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Deci recipe vs SD-style baseline at identical compute: FID and adherence vs DDIM steps."""
+    from stepsaver.predict.label import parse_grid
+    from stepsaver.shrink.bench_recipe import bench_recipe
+    from stepsaver.shrink.train import TrainConfig
+
+    pipes = {k: v for k, v in (("deci", deci), ("sd", sd)) if v}
+    base = TrainConfig(vae=str(vae), steps=steps, batch_size=batch_size, scenes=scenes, cache=str(cache))
+    result = bench_recipe(base, work=work, pipelines=pipes, n=n, grid=parse_grid(grid), out_dir=out_dir,
+                          progress=not as_json, max_minutes=max_minutes)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("recipe", "steps", "FID", "adherence", title="recipe comparison", title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["recipe"], str(r["steps"]), f"{r['fid']:.2f}", f"{r['adherence']:.3f}")
+    out_console.print(table)
+    out_console.print(result["summary"])
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
