@@ -24,3 +24,20 @@ def embedded_pipe():
     from stepsaver import load_pipeline
 
     return load_pipeline("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_recommender(tmp_path_factory):
+    """A step recommender fine-tuned for 3 epochs on synthetic labels (object count decides steps)."""
+    from test_predict import synthetic_rows
+
+    from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, write_dataset
+    from stepsaver.predict.train import train_recommender
+
+    root = tmp_path_factory.mktemp("rec")
+    write_dataset(prepare_dataset(synthetic_rows(), DatasetConfig(tau=0.9)), root / "ds")
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("STEPSAVER_CACHE", str(root / "cache"))
+    result = train_recommender(root / "ds", root / "rec", epochs=3, lrs=[3e-4], log=lambda _m: None)
+    yield root / "rec", result
+    monkey.undo()

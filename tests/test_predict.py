@@ -166,16 +166,8 @@ def test_dataset_splits_counts_and_balancing(tmp_path):
 
 # ---- the recommender ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from stepsaver.predict.train import train_recommender
-
-    root = tmp_path_factory.mktemp("rec")
-    write_dataset(prepare_dataset(synthetic_rows(), DatasetConfig(tau=0.9)), root / "ds")
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("STEPSAVER_CACHE", str(root / "cache"))
-    result = train_recommender(root / "ds", root / "rec", epochs=3, lrs=[3e-4], log=lambda _m: None)
-    yield root / "rec", result
-    monkey.undo()
+def trained(trained_recommender):
+    return trained_recommender
 
 
 def test_training_reports_baselines_and_learns(trained):

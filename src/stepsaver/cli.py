@@ -378,6 +378,44 @@ def recommend(
             err_console.print(f"note: {r.note}", highlight=False)
 
 
+@app.command()
+@_command
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    model: str | None = typer.Option(None, "--model", "-m", help="Pipeline to serve (default 'tiny')."),
+    recommender: str | None = typer.Option(None, "--recommender", "-r"),
+    config: Path | None = typer.Option(None, "--config", help="JSON settings file (token, limits, batching)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve /v1/generate without a bearer token."),
+    workers: int | None = typer.Option(None, "--workers", help="Generation threads (one pipeline each)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Most prompts batched into one call."),
+    queue_size: int | None = typer.Option(None, "--queue-size", help="Waiting generate jobs before 503."),
+    replicas: int | None = typer.Option(None, "--replicas", help="Deploy N replicas on Ray Serve instead."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="ray:// cluster (default: local Ray)."),
+) -> None:
+    """Run the HTTP service: /v1/recommend, /v1/generate, /healthz, /metrics, /docs."""
+    from stepsaver.serve.settings import ServeSettings
+
+    settings = ServeSettings.load(config, model=model, recommender=recommender, insecure=insecure or None,
+                                  workers=workers, batch_size=batch_size, queue_size=queue_size)
+    if settings.token is None and not settings.insecure:
+        raise StepsaverError("no token configured: set STEPSAVER_TOKEN (or `token` in --config) to protect "
+                             "/v1/generate, or pass --insecure")
+    where = f"Ray Serve, {replicas} replicas" if replicas else "uvicorn"
+    err_console.print(f"stepsaver serving model [bold]{settings.model}[/bold] at http://{host}:{port} ({where}); "
+                      f"token {'set' if settings.token else 'NOT set (--insecure)'}; docs at /docs. Ctrl-C drains.",
+                      highlight=False)
+    if replicas:
+        from stepsaver.serve.ray_app import serve_on_ray
+
+        serve_on_ray(settings, replicas, host, port, ray_address)
+        return
+    import uvicorn
+
+    from stepsaver.serve.app import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
 @app.command("train-vae")
 @_command
 def train_vae(
