@@ -29,10 +29,9 @@ def embedded_pipe():
 @pytest.fixture(scope="session")
 def trained_recommender(tmp_path_factory):
     """A step recommender fine-tuned for 3 epochs on synthetic labels (object count decides steps)."""
-    from test_predict import synthetic_rows
-
     from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, write_dataset
     from stepsaver.predict.train import train_recommender
+    from test_predict import synthetic_rows
 
     root = tmp_path_factory.mktemp("rec")
     write_dataset(prepare_dataset(synthetic_rows(), DatasetConfig(tau=0.9)), root / "ds")

@@ -70,3 +70,20 @@ def test_bad_training_config_is_a_clear_error(tmp_path, vae_dir):
         train_model(_cfg(tmp_path, vae_dir, "x", recipe="sdxl"), progress=False)
     with pytest.raises(StepsaverError, match="no trained autoencoder"):
         train_model(_cfg(tmp_path, tmp_path / "novae", "x"), progress=False)
+
+
+def test_bench_recipe_trains_both_at_identical_compute_and_reports(tmp_path, vae_dir):
+    from stepsaver.shrink.bench_recipe import bench_recipe, steps_to_match
+
+    assert steps_to_match({10: 9.0, 20: 5.0, 30: 4.0}, 5.0) == 20
+    assert steps_to_match({10: 9.0, 20: 6.0}, 5.0) is None
+    base = _cfg(tmp_path, vae_dir, "unused", steps=2)
+    result = bench_recipe(base, work=tmp_path / "recipe", n=4, grid=(2, 3), batch=4, out_dir=tmp_path / "res",
+                          progress=False)
+    assert [(r["recipe"], r["steps"]) for r in result["rows"]] == [("deci", 2), ("deci", 3), ("sd", 2), ("sd", 3)]
+    assert all(r["fid"] >= 0 and 0 <= r["adherence"] <= 1 for r in result["rows"])
+    report = json.loads((tmp_path / "res" / "recipe.json").read_text())
+    for recipe in ("deci", "sd"):  # identical compute: same steps and batch, only the recipe differs
+        cfg = json.loads((tmp_path / "recipe" / recipe / "train_config.json").read_text())
+        assert cfg["steps"] == 2 and cfg["batch_size"] == base.batch_size and cfg["recipe"] == recipe
+    assert "Target" in (tmp_path / "res" / "recipe.md").read_text() and "target_met" in report
