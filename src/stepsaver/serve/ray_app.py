@@ -34,8 +34,9 @@ class RayBatchEngine:
         self._batched.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
 
     def start(self) -> None:
-        self.pipe = self.pipe_factory()
-        self.pipe.set_progress_bar_config(disable=True)
+        if self.pipe is None:
+            self.pipe = self.pipe_factory()
+            self.pipe.set_progress_bar_config(disable=True)
 
     def stop(self, drain: bool = True, timeout: float = 60.0) -> None:  # Ray drains replicas itself
         return None
@@ -78,22 +79,19 @@ class RayBatchEngine:
 def serve_on_ray(settings: ServeSettings, replicas: int, host: str, port: int, address: str | None = None) -> None:
     """Deploy ``replicas`` copies of the app on Ray Serve and block until interrupted."""
     import ray
-    from fastapi import FastAPI
-
-    from stepsaver.serve.app import create_app
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    outer = FastAPI()  # placeholder ingress; each replica mounts its own app instance
+    config = settings.model_dump()
 
-    @serve.deployment(num_replicas=replicas, max_ongoing_requests=settings.queue_size + settings.batch_size)
-    @serve.ingress(outer)
-    class Stepsaver:
-        def __init__(self, cfg: dict) -> None:
-            s = ServeSettings(**cfg)
-            self.engine = RayBatchEngine(s)
-            self.engine.start()
-            outer.mount("/", create_app(s, engine=self.engine))
+    def build_app():  # runs on each replica: its own engine, pipeline and app
+        from stepsaver.serve.app import create_app
 
+        s = ServeSettings(**config)
+        return create_app(s, engine=RayBatchEngine(s))
+
+    deployment = serve.deployment(name="stepsaver", num_replicas=replicas,
+                                  max_ongoing_requests=settings.queue_size + settings.batch_size)(
+        serve.ingress(build_app)())
     serve.start(http_options={"host": host, "port": port})
-    serve.run(Stepsaver.bind(settings.model_dump()), blocking=True)
+    serve.run(deployment.bind(), blocking=True)
