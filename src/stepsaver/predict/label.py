@@ -260,10 +260,16 @@ def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig =
             if on_batch:
                 on_batch(len(chunk))
         return store
-    for rows in _ray_label(batches, config, workers, device, ray_address, save_images):
-        store.append(rows)
-        if on_batch:
-            on_batch(len(rows))
+    import ray.exceptions
+
+    try:
+        for rows in _ray_label(batches, config, workers, device, ray_address, save_images):
+            store.append(rows)
+            if on_batch:
+                on_batch(len(rows))
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        raise StepsaverError(f"a Ray label worker died ({type(exc).__name__}); {len(store.done)} labelled prompts "
+                             "are saved: run the same command again to resume") from None
     return store
 
 
