@@ -141,6 +141,10 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
     async def user_error(_request: Request, exc: StepsaverError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc), "message": str(exc)})
 
+    from stepsaver.serve.study_pages import study_router
+
+    app.include_router(study_router(settings.study_db))
+
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model, "queue_depth": engine.depth(), "busy_workers": engine.busy,
