@@ -11,6 +11,10 @@ install:
 	@test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || \
 	  { (apt-get update -qq || sudo apt-get update -qq) && \
 	    (apt-get install -y -qq fonts-noto-color-emoji || sudo apt-get install -y -qq fonts-noto-color-emoji); }
+	@# Debian's chromium for the study's browser test (driven by Playwright, no browser download)
+	@test -x /usr/bin/chromium || \
+	  { (apt-get update -qq || sudo apt-get update -qq) && \
+	    (apt-get install -y -qq chromium || sudo apt-get install -y -qq chromium); }
 	@# torch first and pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch
 	@# (asked for by any later package) would pull a multi-GB CUDA build instead.
 	$(PIP) install -q torch==2.13.0

@@ -135,3 +135,60 @@ def test_killing_the_server_mid_study_loses_no_vote(study, tmp_path):
         proc.send_signal(signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
         proc.wait()
     assert st.results(st.connect(db), sid)["votes"] == 2
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="Debian chromium not installed")
+def test_real_browser_votes_on_every_pair_and_sees_the_results(study, tmp_path):
+    """Headless Chromium (Debian's, driven by Playwright): open the study, vote on every pair, read the results."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    db, sid = study
+    con = st.connect(db)
+    con.execute("DELETE FROM votes")
+    con.commit()
+    port = _free_port()
+    env = {**os.environ, "STEPSAVER_STUDY_DB": str(db)}
+    proc = subprocess.Popen([sys.executable, "-m", "stepsaver.cli", "serve", "--insecure", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 900, "height": 820})
+            page.goto(f"{base}/study/{sid}")
+            answers = ["left", "right", "same", "left"]
+            for i, answer in enumerate(answers):
+                assert page.locator("#progress").inner_text().endswith(f"pair {i + 1} of 4")
+                assert page.eval_on_selector("#left", "img => img.naturalWidth") == 64  # the image loaded
+                if i == 0 and os.environ.get("STEPSAVER_SCREENSHOT_DIR"):
+                    page.screenshot(path=os.path.join(os.environ["STEPSAVER_SCREENSHOT_DIR"], "study-pair.png"))
+                page.check(f"#adherence-{answer}")
+                page.check("#quality-same")
+                page.click("#submit")
+            assert "Thank you" in page.content()
+            page.click("#results")
+            assert page.locator("#votes").inner_text() == "4"
+            assert page.locator("#quality-tie").inner_text().startswith("4 ")
+            page.wait_for_function("() => { const i = document.querySelector(\"img[alt='chart']\"); "
+                                   "return i.complete && i.naturalWidth > 0; }", timeout=60_000)
+            if os.environ.get("STEPSAVER_SCREENSHOT_DIR"):
+                page.screenshot(path=os.path.join(os.environ["STEPSAVER_SCREENSHOT_DIR"], "study-results.png"),
+                                full_page=True)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    res = st.results(st.connect(db), sid)
+    assert res["votes"] == 4 and res["adherence"]["tie"]["count"] == 1
