@@ -658,6 +658,33 @@ def bench_recipe_cmd(
     out_console.print(table)
     out_console.print(result["summary"])
 
+@bench_app.command("serve")
+@_command
+def bench_serve_cmd(
+    n_recommend: int = typer.Option(2000, "--n-recommend"),
+    c_recommend: int = typer.Option(32, "--c-recommend", help="Concurrency of recommend requests."),
+    n_generate: int = typer.Option(40, "--n-generate"),
+    c_generate: int = typer.Option(8, "--c-generate", help="Concurrency of generate requests."),
+    steps: int = typer.Option(30, "--steps"),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Bounded load test of `stepsaver serve` on 127.0.0.1: throughput, p50/p99, 503s, 5xx."""
+    from stepsaver.serve.loadtest import bench_serve
+
+    result = bench_serve(n_recommend, c_recommend, n_generate, c_generate, steps, recommender, out_dir=out_dir)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("load", "ok", "req/s", "p50 ms", "p99 ms", "503", "other 5xx", title="serve load test",
+                  title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["load"], f"{r['ok']}/{r['requests']}", f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", str(r["status_503"]), str(r["other_5xx"]))
+    out_console.print(table)
+    out_console.print(result["summary"])
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
