@@ -685,6 +685,33 @@ def bench_serve_cmd(
     out_console.print(table)
     out_console.print(result["summary"])
 
+@bench_app.command("compound")
+@_command
+def bench_compound_cmd(
+    n: int = typer.Option(200, "--n", help="Held-out scene prompts."),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    confidence: float | None = typer.Option(None, "--confidence"),
+    threshold: float = typer.Option(0.01, "--threshold"),
+    max_skips: int = typer.Option(4, "--max-skips"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fixed 50 vs Predict vs Skip vs Predict+Skip vs iso-cost: calls, seconds, FID, adherence, PSNR/LPIPS."""
+    from stepsaver.measure.bench_compound import bench_compound
+
+    result = bench_compound(n, recommender=recommender, confidence=confidence, threshold=threshold,
+                            max_skips=max_skips, out_dir=out_dir, progress=not as_json)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("method", "calls", "median s", "FID", "adherence", "PSNR", "LPIPS", title="compound",
+                  title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["method"], f"{r['denoiser_calls']:.1f}", f"{r['median_s']:.3f}", f"{r['fid']:.2f}",
+                      f"{r['adherence']:.3f}", f"{r['psnr_vs_fixed50']:.1f}", f"{r['lpips_vs_fixed50']:.3f}")
+    out_console.print(table)
+    out_console.print(result["summary"])
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
