@@ -712,6 +712,10 @@ def bench_compound_cmd(
     out_console.print(table)
     out_console.print(result["summary"])
 
+from stepsaver.skip.bench import bench_skip_cmd  # noqa: E402 - the command lives with the Skip benchmark
+
+bench_app.command("skip")(_command(bench_skip_cmd))
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -1,0 +1,92 @@
+"""``stepsaver bench skip``: a tiny end-to-end run writes every row, column, ablation and target line."""
+
+import json
+
+import pytest
+import torch
+
+from stepsaver import StepsaverError
+from stepsaver.skip.bench import COLUMNS, SkipBenchConfig, bench_skip, peak_memory_bytes, targets
+
+
+def test_peak_memory_counts_what_the_call_allocates():
+    def allocate():
+        x = torch.ones(1024, 1024)  # 4 MiB
+        return float((x * 2).sum())  # another 4 MiB alive at the same time
+
+    peak = peak_memory_bytes(allocate)
+    assert 8 * 2**20 <= peak < 16 * 2**20
+
+
+def test_bench_skip_smoke(tmp_path, monkeypatch):
+    """Every stage on 2 prompts x 6 steps. FID's 2048x2048 eigen-decompositions (seconds each) and the
+    profiler pass are stubbed here; their own code is tested in test_fid_quality and above."""
+    import stepsaver.measure.fid as fid_module
+    import stepsaver.skip.bench as bench_module
+
+    monkeypatch.setattr(fid_module, "features", lambda images, **_: torch.zeros(len(images), 4))
+    monkeypatch.setattr(fid_module, "fid_from_features", lambda real, fake: 1.5)
+    monkeypatch.setattr(bench_module, "peak_memory_bytes", lambda fn, device="cpu": (fn(), 2**20)[1])
+    cfg = SkipBenchConfig(n=2, ablation_n=1, oracle_n=1, time_n=1, macs_n=1, schedulers=("ddim",), steps=6,
+                          ablation_steps=(6, 5), deltas=(0.01, 0.05), max_skips_grid=(2, 4), batch=2,
+                          device="cpu", threads=1)
+    threads = torch.get_num_threads()
+    result = bench_skip(cfg, out_dir=tmp_path, show_progress=False)
+    assert torch.get_num_threads() == threads  # restored
+    payload = json.loads((tmp_path / "skip.json").read_text())
+    keys = [r["key"] for r in payload["rows"]]
+    assert keys == ["full", "ours", "ours_batch", "compat", "deepcache_2", "deepcache_3", "deepcache_5", "iso"]
+    for row in payload["rows"]:
+        assert set(COLUMNS) <= set(row)
+        assert row["denoiser_calls"] <= 6 and row["gmacs_per_image"] > 0 and row["median_latency_ms"] > 0
+    full = payload["rows"][0]
+    assert full["speedup"] == 1.0 and full["psnr_db"] is None and full["fid"] == 0.0
+    assert all(r["fid"] == 1.5 and r["peak_memory_mb"] == 1.0 for r in payload["rows"][1:])
+    dc5 = payload["rows"][6]
+    assert dc5["gmacs_per_image"] < full["gmacs_per_image"]  # DeepCache's saving shows in MACs
+    assert len(payload["ablation_grid"]) == 4 and len(payload["ablation_steps"]) == 2
+    assert {"beats_iso", "iso_steps", "iso_psnr_db"} <= set(payload["ablation_grid"][0])
+    assert len(payload["oracle"]["prompts"]) == 1 and "p_value" in payload["oracle"]["chi2"]
+    assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_iso_ddim"}
+    md = (tmp_path / "skip.md").read_text()
+    assert "**Target 1 (DDIM, 6 steps" in md and "**Target 2 (ddim" in md and "**Target 3 (ddim" in md
+    assert "## Ablation: delta x C_max" in md and "## Oracle vs estimator" in md
+    for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png"):
+        assert (tmp_path / name).stat().st_size > 0 and name in md
+    assert result["md"] == str(tmp_path / "skip.md")
+
+
+def _row(key, speedup, psnr, lpips, calls=25.0, steps=50, scheduler="ddim"):
+    return {"scheduler": scheduler, "key": key, "method": key, "speedup": speedup, "psnr_db": psnr, "lpips": lpips,
+            "denoiser_calls": calls, "steps": steps}
+
+
+def test_targets_are_decided_from_the_numbers():
+    rows = [_row("full", 1.0, None, 0.0, calls=50), _row("ours", 1.9, 27.0, 0.05),
+            _row("deepcache_2", 1.5, 25.0, 0.08), _row("deepcache_5", 2.5, 20.0, 0.2),
+            _row("iso", 2.0, 28.0, 0.04, steps=25)]
+    grid = [{"scheduler": "ddim", "delta": 0.005, "max_skips": 2, "psnr_db": 30.0, "iso_psnr_db": 29.0,
+             "iso_steps": 40, "beats_iso": True}]
+    out = targets(rows, grid, 50)
+    assert out["calls_speed_quality"]["holds"] is True and "holds**" in out["calls_speed_quality"]["text"]
+    assert out["beats_deepcache_ddim"]["holds"] is True and out["beats_deepcache_ddim"]["compared"] == ["deepcache_2"]
+    assert out["beats_iso_ddim"]["holds"] is False and "does not beat" in out["beats_iso_ddim"]["text"]
+    assert out["beats_iso_ddim"]["settings_that_beat_iso"] == [(0.005, 2)]
+    rows[1] = _row("ours", 1.7, 27.0, 0.05)  # too slow for the wall-clock target
+    assert targets(rows, grid, 50)["calls_speed_quality"]["holds"] is False
+    rows[1] = _row("ours", 1.2, 27.0, 0.05)  # slower than every DeepCache interval
+    assert targets(rows, grid, 50)["beats_deepcache_ddim"]["holds"] is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 1}, "--n must be >= 2"),
+    ({"n": 4, "ablation_n": 5}, "--ablation-n must be in 0..4"),
+    ({"schedulers": ("heun",)}, "twice a step"),
+    ({"schedulers": ("nope",)}, "unknown scheduler"),
+    ({"steps": 3}, "step counts must be in 5.."),
+    ({"threads": 0}, "--threads must be >= 1"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, match):
+    with pytest.raises(StepsaverError, match=match) as info:
+        SkipBenchConfig(**{"n": 4, "ablation_n": 2, "oracle_n": 1, "time_n": 2, **kwargs}).validate()
+    assert "\n" not in str(info.value)
