@@ -280,18 +280,28 @@ def dataset(
     test: float = typer.Option(0.2, "--test", help="Test hold-out: a fraction (<1) or a row count."),
     val_fraction: float = typer.Option(0.1, "--val-fraction"),
     seed: int = typer.Option(0, "--seed"),
+    report: str | None = typer.Option(None, "--report", help="Also write docs/results/<name>.{json,md,png}."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Prepare labels for training: clean, label by rule, hold out test, balance, split 9:1."""
-    from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, read_label_rows, write_dataset
+    from stepsaver.predict.dataset import (
+        DatasetConfig,
+        label_report,
+        prepare_dataset,
+        read_label_rows,
+        write_dataset,
+    )
     from stepsaver.predict.rules import DEFAULT_TAU, RULES
 
     if rule not in RULES:
         raise StepsaverError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
     cfg = DatasetConfig(rule=rule, tau=DEFAULT_TAU if tau is None else tau, english_only=english_only,
                         balance=balance, min_count=min_count, test=test, val_fraction=val_fraction, seed=seed)
-    ds = prepare_dataset(read_label_rows(labels), cfg)
+    label_rows = read_label_rows(labels)
+    ds = prepare_dataset(label_rows, cfg)
     write_dataset(ds, out)
+    if report:
+        label_report(label_rows, report)
     if as_json:
         print(json.dumps({"out": str(out), "counts": ds["counts"], "dropped": ds["dropped"],
                           "classes": ds["classes"]}))

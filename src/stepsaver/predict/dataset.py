@@ -169,3 +169,59 @@ def load_split(folder: str | Path, name: str) -> list[dict[str, Any]]:
     if not path.exists():
         raise StepsaverError(f"{path} does not exist; make the dataset with `stepsaver dataset`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def label_report(rows: Sequence[dict[str, Any]], name: str = "labels", out_dir: str | Path = "docs/results",
+                 taus: Sequence[float] = (0.95, 0.98, 0.99, 0.995, 0.998)) -> dict[str, Any]:
+    """How the labels fall: both rules' histograms, converged at several tau, mean SSIM curves."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stepsaver.measure.report import write_report
+    from stepsaver.predict.rules import converged, first_decline
+
+    if not rows:
+        raise StepsaverError("no label rows to report on")
+    grid = list(rows[0]["steps"])
+    table = [{"rule": "first-decline (paper)",
+              **{str(s): c for s, c in counts(first_decline(grid, r["ssim_next"]) for r in rows).items()}}]
+    for tau in taus:
+        table.append({"rule": f"converged, tau {tau}",
+                      **{str(s): c for s, c in counts(converged(grid, r["ssim_ref"], tau) for r in rows).items()}})
+    for t in table:
+        t["mean_steps"] = sum(int(k) * v for k, v in t.items() if k != "rule") / len(rows)
+    nxt = np.array([r["ssim_next"] for r in rows])
+    ref = np.array([r["ssim_ref"] for r in rows])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    pairs = [f"{a}-{b}" for a, b in zip(grid, grid[1:], strict=False)]
+    ax[0].plot(pairs, 1 - nxt.mean(0), "o-", label="1 - SSIM(N_k, N_k+1), mean")
+    ax[0].plot(pairs, 1 - np.median(nxt, 0), "s--", label="median")
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("consecutive step counts")
+    ax[0].tick_params(axis="x", labelsize=7, rotation=45)
+    ax[0].legend(fontsize=7)
+    ax[0].set_title("how much one more block of steps changes the image", fontsize=9)
+    ax[1].plot(grid, 1 - ref.mean(0), "o-", label="1 - SSIM(N, final), mean")
+    ax[1].set_yscale("log")
+    ax[1].set_xlabel("steps")
+    ax[1].legend(fontsize=7)
+    ax[1].set_title("distance to the 100-step render", fontsize=9)
+    fig.tight_layout()
+    plot = out / f"{name}.png"
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    cols = ["rule", *[str(s) for s in grid], "mean_steps"]
+    first = table[0]
+    top = max((k for k in first if k not in ("rule", "mean_steps")), key=lambda k: first[k])
+    summary = (f"{len(rows)} prompts labelled with {rows[0].get('model')} / {rows[0].get('scheduler')}, seed "
+               f"{rows[0].get('seed')}, grid {grid}. Under the paper's first-decline rule {first[top]} of "
+               f"{len(rows)} prompts ({first[top] / len(rows):.0%}) get {top} steps.")
+    paths = write_report(name, table, title="Step labels on the embedded model", summary=summary, plots=[plot],
+                         out_dir=out, columns=cols,
+                         extra={"mean_ssim_next": nxt.mean(0).tolist(), "mean_ssim_ref": ref.mean(0).tolist()})
+    return {"rows": table, **{k: str(v) for k, v in paths.items()}}
