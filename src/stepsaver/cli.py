@@ -726,6 +726,33 @@ from stepsaver.skip.bench import bench_skip_cmd  # noqa: E402 - the command live
 
 bench_app.command("skip")(_command(bench_skip_cmd))
 
+@bench_app.command("label-workers")
+@_command
+def bench_label_workers_cmd(
+    n: int = typer.Option(16, "--n", help="Scene prompts to label with each worker count."),
+    workers: str = typer.Option("1,2", "--workers", help="Worker counts to compare."),
+    batch: int = typer.Option(8, "--batch"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Labelling throughput (prompts/hour) with 1 vs N Ray workers, and that labels agree."""
+    from stepsaver.predict.bench import bench_label_workers
+    from stepsaver.shrink.scenes import SceneGenerator
+
+    counts = [int(w) for w in workers.split(",")]
+    if n < 1 or any(w < 1 for w in counts):
+        raise StepsaverError("--n and every --workers value must be >= 1")
+    gen = SceneGenerator(seed=21, split="train")
+    result = bench_label_workers([gen.sample(i).caption for i in range(n)], counts, batch=batch, out_dir=out_dir)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("workers", "prompts/h", "speedup", "labels equal", title="label workers", title_justify="left")
+    for r in result["rows"]:
+        table.add_row(str(r["workers"]), f"{r['prompts_per_hour']:.0f}", f"{r['speedup']:.2f}x",
+                      str(r["labels_equal_to_1_worker"]))
+    out_console.print(table)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

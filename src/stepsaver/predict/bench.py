@@ -109,3 +109,34 @@ def bench_recommend(recommender: str | Path, prompts: Sequence[str], *, n_single
     paths = write_report(name, rows, title="Step recommender: latency and throughput", summary=summary,
                          plots=[plot], out_dir=out)
     return {"rows": rows, "summary": summary, **{k: str(v) for k, v in paths.items()}}
+
+
+def bench_label_workers(prompts: Sequence[str], workers: Sequence[int] = (1, 2), batch: int = 8,
+                        config: Any = None, out_dir: str | Path = "docs/results",
+                        name: str = "label-workers") -> dict[str, Any]:
+    """Label the same prompts with 1..N Ray workers; prompts/hour and whether the labels agree."""
+    import tempfile
+
+    from stepsaver.measure.report import write_report
+    from stepsaver.predict.label import LabelConfig, label_prompts
+
+    config = config or LabelConfig()
+    rows, labels = [], {}
+    for w in workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            store = label_prompts(list(prompts), tmp, config, batch=batch, workers=w)
+            wall = time.perf_counter() - t0
+            got = {r["prompt"]: (r["label_first_decline"], r["label_converged"]) for r in store.rows()}
+        labels[w] = got
+        rows.append({"workers": w, "threads_per_worker": "torch default" if w == 1 else 1, "prompts": len(got),
+                     "wall_s": wall, "prompts_per_hour": len(got) / wall * 3600})
+    base = labels[workers[0]]
+    for r in rows:
+        r["labels_equal_to_1_worker"] = labels[r["workers"]] == base
+        r["speedup"] = r["prompts_per_hour"] / rows[0]["prompts_per_hour"]
+    summary = (f"{len(prompts)} scene prompts, grid {list(config.steps)}, batch {batch} per worker, on this "
+               "machine (see below). Ray actors each hold a pipeline; the driver alone writes labels.jsonl.")
+    paths = write_report(name, rows, title="Labelling throughput: 1 vs N Ray workers", summary=summary,
+                         out_dir=out_dir)
+    return {"rows": rows, **{k: str(v) for k, v in paths.items()}}
