@@ -259,3 +259,16 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     r = _cli(*[a.replace("{p}", str(tmp_path / "p.txt")) for a in args])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_shipped_recommender_for_the_embedded_model():
+    from stepsaver.predict import StepRecommender
+
+    rec = StepRecommender.load("tiny")
+    assert rec.classes == list(range(10, 101, 10)) and rec.config.rule == "converged"
+    one = rec.recommend("a small cat at the top left, blue background")
+    crowd = rec.recommend("a cat at the top left, a dog at the top right, a car on the left and a fish at the bottom, "
+                          "blue background")
+    assert abs(sum(one.probabilities.values()) - 1) < 1e-6
+    expected = [sum(k * v for k, v in r.probabilities.items()) for r in (one, crowd)]
+    assert expected[1] > expected[0]  # crowded scenes need more steps: the labels say so, the model learnt it
