@@ -15,6 +15,7 @@ import base64
 import contextlib
 import hmac
 import io
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,6 +60,9 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
                              "/v1/generate is protected, or pass --insecure to serve it without one")
     metrics = Metrics()
     state: dict[str, Any] = {"recommender": recommender}
+    # one recommender call at a time: ONNX Runtime already uses the cores, and 40 threadpool threads
+    # each starting a 2-thread inference oversubscribe them (measured: p99 10 s at concurrency 32)
+    recommend_lock = threading.Lock()
 
     def record_batch(jobs: list, results: list) -> None:
         metrics.batch_size.observe(len(jobs))
@@ -172,7 +176,8 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
                 raise _field_error("prompt", f"prompt {i} has {len(p)} characters; "
                                              f"allowed 1..{settings.max_prompt_chars}")
         t0 = time.perf_counter()
-        recs = get_recommender().recommend(prompts, confidence=body.confidence)
+        with recommend_lock:
+            recs = get_recommender().recommend(prompts, confidence=body.confidence)
         items = [RecommendItem(prompt=r.prompt, steps=r.steps, english=r.english, note=r.note,
                                probabilities={str(k): round(v, 5) for k, v in r.probabilities.items()}) for r in recs]
         return RecommendResponse(recommendations=items, milliseconds=(time.perf_counter() - t0) * 1000)
@@ -186,7 +191,11 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
         source = "given"
         steps = body.steps
         if steps == "auto":
-            rec = await asyncio.to_thread(get_recommender().recommend, body.prompt, body.confidence)
+            def locked_recommend():
+                with recommend_lock:
+                    return get_recommender().recommend(body.prompt, body.confidence)
+
+            rec = await asyncio.to_thread(locked_recommend)
             steps, source = rec.steps, "recommended"
             metrics.steps_saved.inc(max(0, 50 - steps))
         if steps > settings.max_steps:
