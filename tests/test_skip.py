@@ -390,3 +390,19 @@ def test_two_denoiser_calls_in_one_scheduler_step_are_refused(pipe):
     pipe.unet(sample, t, encoder_hidden_states=context)
     with pytest.raises(StepsaverError, match="called twice within one scheduler step"):
         pipe.unet(sample, t, encoder_hidden_states=context)
+
+
+def test_generate_after_disabling_counts_plain_calls(embedded_pipe):
+    """A report kept after disable_adaptive_skip must not be read as the next plain call's."""
+    from stepsaver import generate
+    from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip, skip_report
+
+    enable_adaptive_skip(embedded_pipe, AdaptiveSkipConfig(threshold=0.05, max_skips=4))
+    try:
+        skipped = generate(embedded_pipe, "a cat, blue background", steps=20)
+    finally:
+        disable_adaptive_skip(embedded_pipe)
+    assert skipped.extra["denoiser_calls_saved"] > 0
+    assert skip_report(embedded_pipe) is not None  # the last report is kept, as documented
+    plain = generate(embedded_pipe, "a cat, blue background", steps=13)
+    assert plain.denoiser_calls == 13 and "denoiser_calls_saved" not in plain.extra

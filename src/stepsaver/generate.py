@@ -124,9 +124,11 @@ def generate(pipe, prompt: str, steps: int | str = 30, seed: int | None = 0, gui
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
     made, extra = calls[0], dict(auto)
-    from stepsaver.skip import skip_report
+    from stepsaver.skip import skip_enabled, skip_report
 
-    report = skip_report(pipe)  # the Skip hook answers some calls from its cache: count real runs
+    # the Skip hook answers some calls from its cache: count real runs; a report kept after
+    # disable_adaptive_skip belongs to an earlier call, not to this one
+    report = skip_report(pipe) if skip_enabled(pipe) else None
     if report is not None:
         made = report.denoiser_calls
         extra.update(denoiser_calls_saved=report.calls_saved, skipped_steps=report.skipped_steps(0))

@@ -21,6 +21,7 @@ from stepsaver.skip.hook import (
     SkipReport,
     disable_adaptive_skip,
     enable_adaptive_skip,
+    skip_enabled,
     skip_report,
 )
 from stepsaver.skip.oracle import (
@@ -57,5 +58,6 @@ __all__ = [
     "run_skip_path",
     "skip_path",
     "skip_position_chi2",
+    "skip_enabled",
     "skip_report",
 ]

@@ -492,6 +492,11 @@ def disable_adaptive_skip(pipe: Any) -> bool:
     return True
 
 
+def skip_enabled(pipe: Any) -> bool:
+    """Whether the skip hook is attached to ``pipe``'s denoiser now (a kept report does not count)."""
+    return _hook_of(pipe) is not None
+
+
 def skip_report(pipe: Any) -> SkipReport | None:
     """The report of the last (or current) call of ``pipe`` with skipping enabled, ``None`` before any."""
     hook = _hook_of(pipe)
