@@ -183,29 +183,21 @@ def test_ray_serve_replica_answers(tmp_path):
     """`stepsaver serve --replicas 1` deploys the same app on a local Ray Serve and answers."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from stepsaver.serve.loadtest import free_port, wait_healthy
+
+    port = free_port()
     env = {**os.environ, "STEPSAVER_STUDY_DB": str(tmp_path / "s.sqlite"), "RAY_ADDRESS": "local"}
     proc = subprocess.Popen([sys.executable, "-m", "stepsaver.cli", "serve", "--replicas", "1", "--insecure",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(base, proc)
         r = httpx.post(f"{base}/v1/generate", json={"prompt": "a cat, blue background", "steps": 2,
                                                     "format": "json"}, timeout=120)
         assert r.status_code == 200, r.text

@@ -3,10 +3,8 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +12,7 @@ from fastapi.testclient import TestClient
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import ServeSettings, create_app
 from stepsaver.serve import study as st
+from stepsaver.serve.loadtest import free_port, wait_healthy
 
 
 def test_parse_config():
@@ -101,10 +100,6 @@ class _NoEngine:
     busy = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_killing_the_server_mid_study_loses_no_vote(study, tmp_path):
@@ -114,18 +109,13 @@ def test_killing_the_server_mid_study_loses_no_vote(study, tmp_path):
     con = st.connect(db)
     con.execute("DELETE FROM votes")
     con.commit()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STEPSAVER_STUDY_DB": str(db)}
     cmd = [sys.executable, "-m", "stepsaver.cli", "serve", "--insecure", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(base, proc)
         with httpx.Client(base_url=base, timeout=10) as c:
             for _ in range(2):
                 page = c.get(f"/study/{sid}").text
@@ -145,25 +135,19 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-c
 @pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"), reason="Debian chromium not installed")
 def test_real_browser_votes_on_every_pair_and_sees_the_results(study, tmp_path):
     """Headless Chromium (Debian's, driven by Playwright): open the study, vote on every pair, read the results."""
-    import httpx
     from playwright.sync_api import sync_playwright
 
     db, sid = study
     con = st.connect(db)
     con.execute("DELETE FROM votes")
     con.commit()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "STEPSAVER_STUDY_DB": str(db)}
     proc = subprocess.Popen([sys.executable, "-m", "stepsaver.cli", "serve", "--insecure", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(base, proc)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 900, "height": 820})

@@ -26,17 +26,15 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
                    threshold: float = 0.01, max_skips: int = 4, scene_seed: int = 3, guidance: float = 5.0,
                    out_dir: str | Path = "docs/results", name: str = "compound", progress: bool = True
                    ) -> dict[str, Any]:
-    import matplotlib
+    from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from stepsaver.generate import generate
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.measure.lpips import lpips_distance
     from stepsaver.measure.quality import psnr, to_float_nchw
-    from stepsaver.measure.report import bootstrap_fid_difference, write_report
     from stepsaver.pipelines import load_pipeline
     from stepsaver.predict.recommender import StepRecommender
     from stepsaver.shrink.scenes import SceneGenerator
@@ -113,10 +111,7 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
     ax.set_ylabel("FID vs real scenes")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    plot = out / f"{name}.png"
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_plot(fig, out / f"{name}.png")
     summary = (
         f"{n} held-out scene prompts (eval split, seed {scene_seed}), batch 1, DDIM, seed = prompt index, guidance "
         f"{guidance}; recommender `{recommender}` (confidence {confidence}); Skip delta {threshold}, C_max "

@@ -90,6 +90,28 @@ def write_report(name: str, rows: Sequence[dict[str, Any]], *, title: str, summa
     return {"json": json_path, "md": md_path}
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write and close a benchmark figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     f = feats.double()
     return f.mean(0), torch.cov(f.T)

@@ -47,12 +47,10 @@ def bench_recommend(recommender: str | Path, prompts: Sequence[str], *, n_single
                     threads: int | None = None, out_dir: str | Path = "docs/results",
                     name: str = "recommender-speed") -> dict[str, Any]:
     """Time the torch, ONNX fp32 and ONNX int8 paths; write ``<name>.json/.md/.png``."""
-    import matplotlib
+    from stepsaver.measure.report import pyplot, save_plot, write_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from stepsaver.measure.report import write_report
 
     prompts = list(dict.fromkeys(prompts))
     single = prompts[:n_single]
@@ -94,10 +92,7 @@ def bench_recommend(recommender: str | Path, prompts: Sequence[str], *, n_single
     ax.set_ylabel("ms per prompt (batch 1, cache cleared)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    plot = out / f"{name}.png"
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_plot(fig, out / f"{name}.png")
     best = min(rows, key=lambda r: r["p50_ms"])
     fastest = max(rows, key=lambda r: r["prompts_per_s"])
     summary = (f"{len(single)} distinct prompts for latency, {len(prompts)} for throughput (batch {batch}). "

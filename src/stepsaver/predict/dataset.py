@@ -57,16 +57,16 @@ def read_label_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
             rows.extend(pq.read_table(p).to_pylist())
             continue
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if lineno == sum(1 for _ in p.open(encoding="utf-8")):
-                        continue  # a torn last line of an interrupted `stepsaver label` run
-                    raise StepsaverError(f"{p}, line {lineno}: not valid JSON") from None
+        lines = p.read_text(encoding="utf-8").splitlines()
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if lineno == len(lines):
+                    continue  # a torn last line of an interrupted `stepsaver label` run
+                raise StepsaverError(f"{p}, line {lineno}: not valid JSON") from None
     for i, r in enumerate(rows):
         missing = {"prompt", "steps", "ssim_next", "ssim_ref"} - set(r)
         if missing:
@@ -174,13 +174,12 @@ def load_split(folder: str | Path, name: str) -> list[dict[str, Any]]:
 def label_report(rows: Sequence[dict[str, Any]], name: str = "labels", out_dir: str | Path = "docs/results",
                  taus: Sequence[float] = (0.95, 0.98, 0.99, 0.995, 0.998)) -> dict[str, Any]:
     """How the labels fall: both rules' histograms, converged at several tau, mean SSIM curves."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stepsaver.measure.report import pyplot, save_plot, write_report
 
-    from stepsaver.measure.report import write_report
+    plt = pyplot()
+
     from stepsaver.predict.rules import converged, first_decline
 
     if not rows:
@@ -211,10 +210,7 @@ def label_report(rows: Sequence[dict[str, Any]], name: str = "labels", out_dir: 
     ax[1].set_xlabel("steps")
     ax[1].legend(fontsize=7)
     ax[1].set_title("distance to the 100-step render", fontsize=9)
-    fig.tight_layout()
-    plot = out / f"{name}.png"
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_plot(fig, out / f"{name}.png")
     cols = ["rule", *[str(s) for s in grid], "mean_steps"]
     first = table[0]
     top = max((k for k in first if k not in ("rule", "mean_steps")), key=lambda k: first[k])

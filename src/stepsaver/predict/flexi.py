@@ -46,14 +46,12 @@ def bench_flexi(n: int = 500, *, scene_seed: int = 1, work: str | Path = "runs/l
                 batch: int = 32, repeats: int = 3, out_dir: str | Path = "docs/results", name: str = "flexi",
                 progress: bool = True) -> dict[str, Any]:
     """Label (resumably) ``n`` held-out scenes, then compare every method; write the report."""
-    import matplotlib
+    from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
-    from stepsaver.measure.report import bootstrap_fid_difference, write_report
     from stepsaver.predict.recommender import StepRecommender
     from stepsaver.shrink.scenes import SceneGenerator
 
@@ -163,10 +161,7 @@ def bench_flexi(n: int = 500, *, scene_seed: int = 1, work: str | Path = "runs/l
     ax[1].set_xlabel("mean seconds per image (batch 1, this machine)")
     ax[1].set_ylabel("FID vs real scenes")
     ax[1].legend(fontsize=6)
-    fig.tight_layout()
-    plot = out / f"{name}.png"
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_plot(fig, out / f"{name}.png")
     summary = (
         f"{p_count} held-out scene prompts (eval split, seed {scene_seed}); DDIM grid {grid}, seed {cfg.seed}, "
         f"guidance {cfg.guidance}. Recommender: {recommender} (classes {rec.classes}). Iso-cost fixed = {iso} "

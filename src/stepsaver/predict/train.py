@@ -190,10 +190,9 @@ def baselines(splits: dict[str, Split], k: int, seed: int) -> list[dict[str, Any
 
 
 def confusion_plot(y: np.ndarray, pred: np.ndarray, classes: list[int], path: Path, title: str) -> Path:
-    import matplotlib
+    from stepsaver.measure.report import pyplot, save_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
@@ -206,11 +205,7 @@ def confusion_plot(y: np.ndarray, pred: np.ndarray, classes: list[int], path: Pa
     ax.set_xlabel("predicted steps")
     ax.set_ylabel("labelled steps")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(fig, path)
 
 
 def train_recommender(dataset: str | Path, out: str | Path, preset: str = "default", *, model: str = "tiny",

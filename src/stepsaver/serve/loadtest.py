@@ -23,10 +23,29 @@ import numpy as np
 from stepsaver.errors import StepsaverError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the load test and the server tests bind only there)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    """Block until ``base``/healthz answers 200; a server process that exits first is an error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            raise StepsaverError(f"server exited with code {proc.returncode}: {err}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise StepsaverError(f"server at {base} did not become healthy within {timeout_s:.0f} s")
 
 
 async def _fire(url: str, bodies: list[dict], concurrency: int, headers: dict[str, str]) -> dict[str, Any]:
@@ -69,7 +88,7 @@ def bench_serve(n_recommend: int = 2000, c_recommend: int = 32, n_generate: int 
     from stepsaver.measure.report import write_report
     from stepsaver.shrink.scenes import SceneGenerator
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     token = os.urandom(16).hex()
     env = {**os.environ, "STEPSAVER_TOKEN": token, "STEPSAVER_RECOMMENDER": recommender,
@@ -78,14 +97,7 @@ def bench_serve(n_recommend: int = 2000, c_recommend: int = 32, n_generate: int 
     proc = subprocess.Popen([sys.executable, "-m", "stepsaver.cli", "serve", "--host", "127.0.0.1", "--port",
                              str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise StepsaverError(f"server exited: {proc.stderr.read().decode()[-500:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(base, proc)
         gen = SceneGenerator(seed=11, split="eval")
         prompts = [gen.sample(i).caption for i in range(max(n_recommend, n_generate))]
         httpx.post(f"{base}/v1/recommend", json={"prompt": prompts[0]}, timeout=60)  # load the recommender

@@ -55,14 +55,12 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
                  batch: int = 32, scene_seed: int = 2, out_dir: str | Path = "docs/results", name: str = "recipe",
                  progress: bool = True, max_minutes: float | None = None) -> dict[str, Any]:
     """Train (or load) both recipes at identical compute, evaluate on held-out prompts, report."""
-    import matplotlib
+    from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
-    from stepsaver.measure.report import bootstrap_fid_difference, write_report
     from stepsaver.pipelines import load_pipeline
     from stepsaver.shrink.scenes import SceneGenerator
 
@@ -119,10 +117,7 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
     for a in ax:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    plot = out / f"{name}.png"
-    fig.savefig(plot, dpi=120)
-    plt.close(fig)
+    plot = save_plot(fig, out / f"{name}.png")
     summary = (f"Both recipes: {base.steps} steps x batch {base.batch_size} on {base.scenes} scenes (identical "
                f"compute), same UNet and VAE; {n} held-out prompts (eval split, seed {scene_seed}), seed {seed}, "
                f"guidance {guidance}.\n\nTarget (Deci reaches SD's {last}-step FID {target:.2f} in >= "
