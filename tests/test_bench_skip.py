@@ -90,3 +90,43 @@ def test_bad_settings_are_one_line_errors(kwargs, match):
     with pytest.raises(StepsaverError, match=match) as info:
         SkipBenchConfig(**{"n": 4, "ablation_n": 2, "oracle_n": 1, "time_n": 2, **kwargs}).validate()
     assert "\n" not in str(info.value)
+
+
+def test_render_cache_on_disk_resumes_and_rejects_stale_files(tmp_path, monkeypatch):
+    """A second run over the same --cache folder renders nothing already there; a file whose prompt
+    differs (changed vocabulary) or that is torn is rendered again, never reused."""
+    import numpy as np
+
+    import stepsaver.skip.bench as bench_module
+    from stepsaver.skip.bench import Method, _Bar, _Bench
+
+    calls = []
+    real = bench_module._render
+    monkeypatch.setattr(bench_module, "_render", lambda pipe, method, prompts, *a: (calls.append(len(prompts)),
+                                                                                    real(pipe, method, prompts, *a))[1])
+    cfg = SkipBenchConfig(n=3, schedulers=("ddim",), steps=6, device="cpu", cache_dir=str(tmp_path))
+    method = Method("skip", 6, 0.05, 2)
+    first = _Bench(cfg, _Bar(False))
+    first.use("ddim")
+    a = first.renders(method, 3, "x")
+    assert sum(calls) == 3
+    folder = next(tmp_path.iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.npz", "00001.npz", "00002.npz"]
+
+    calls.clear()
+    second = _Bench(cfg, _Bar(False))
+    second.use("ddim")
+    b = second.renders(method, 3, "x")
+    assert calls == []
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.image, y.image) and x.calls == y.calls and x.path == y.path
+
+    (folder / "00001.npz").write_bytes(b"torn")
+    with np.load(folder / "00002.npz") as z:
+        np.savez(folder / "00002.npz", **{**dict(z), "prompt": "some other caption"})
+    third = _Bench(cfg, _Bar(False))
+    third.use("ddim")
+    c = third.renders(method, 3, "x")
+    assert sum(calls) == 2
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, c, strict=True))
+    assert len(list(tmp_path.iterdir())) == 1  # same weights and settings: same folder

@@ -133,6 +133,7 @@ class SkipBenchConfig:
     model: str = "tiny"
     device: str = "auto"
     fid: bool = True
+    cache_dir: str | None = None  # renders kept on disk here: a killed run resumes, processes can share it
     threads: int | None = None  # torch CPU threads for the run (None: leave torch's setting)
 
     def validate(self) -> None:
@@ -345,6 +346,68 @@ class _Bar:
         self.progress.update(self.task, advance=n, description=description)
 
 
+class _DiskCache:
+    """Renders on disk, one ``.npz`` per prompt under a folder per (model, scheduler, method, settings).
+
+    Why: the full benchmark is hours of CPU; a run killed half-way (or a second process working on
+    another scheduler with the same folder) keeps every image already rendered. The folder name
+    hashes everything that decides an image (a fingerprint of the denoiser and VAE weights, the
+    scheduler, the method, guidance, seeds), and each file keeps its prompt, so a retrained model
+    or changed scene vocabulary never reuses stale images. Files are written atomically.
+    """
+
+    def __init__(self, root: Path, cfg: SkipBenchConfig, pipe: Any) -> None:
+        import hashlib
+
+        from stepsaver.generate import denoiser_of
+
+        digest = hashlib.sha1()
+        for module in (denoiser_of(pipe), getattr(pipe, "vae", None)):
+            if isinstance(module, torch.nn.Module):
+                for name, param in module.state_dict().items():
+                    digest.update(name.encode())
+                    digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
+        self.root, self.weights = root, digest.hexdigest()[:16]
+        self.settings = {"guidance": cfg.guidance, "seed": cfg.seed, "prompt_seed": cfg.prompt_seed}
+
+    def folder(self, scheduler: str, method: Method) -> Path:
+        import hashlib
+
+        key = json.dumps({"weights": self.weights, "scheduler": scheduler, **self.settings,
+                          **dataclasses.asdict(method)}, sort_keys=True)
+        name = f"{scheduler}-{method.kind}-{method.steps}-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        return self.root / name
+
+    def load(self, scheduler: str, method: Method, indices: Sequence[int],
+             prompts: Sequence[str]) -> dict[int, _Render]:
+        folder, found = self.folder(scheduler, method), {}
+        for i in indices:
+            path = folder / f"{i:05d}.npz"
+            if not path.exists():
+                continue
+            try:
+                with np.load(path) as z:
+                    if str(z["prompt"]) != prompts[i]:
+                        continue
+                    skip_path = [bool(x) for x in z["path"]] if z["has_path"] else None
+                    found[i] = _Render(z["image"].copy(), int(z["calls"]), skip_path)
+            except (OSError, ValueError, KeyError):  # a torn or foreign file: render it again
+                continue
+        return found
+
+    def save(self, scheduler: str, method: Method, indices: Sequence[int], renders: Sequence[_Render],
+             prompts: Sequence[str]) -> None:
+        import os
+
+        folder = self.folder(scheduler, method)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in zip(indices, renders, strict=True):
+            tmp = folder / f".{i:05d}.{os.getpid()}.npz"
+            np.savez(tmp, image=r.image, calls=r.calls, prompt=prompts[i], has_path=r.path is not None,
+                     path=np.asarray(r.path or [], dtype=bool))
+            os.replace(tmp, folder / f"{i:05d}.npz")
+
+
 class _Bench:
     """The state of one run: the pipeline, the prompts, and every render, cached by method."""
 
@@ -363,6 +426,7 @@ class _Bench:
         self.device = getattr(self.pipe, "device", torch.device("cpu"))
         self.cache: dict[tuple[str, Method], dict[int, _Render]] = {}
         self.scheduler = ""
+        self.disk = _DiskCache(Path(cfg.cache_dir), cfg, self.pipe) if cfg.cache_dir else None
 
     def use(self, scheduler: str) -> None:
         from stepsaver.pipelines import make_scheduler
@@ -373,6 +437,9 @@ class _Bench:
     def renders(self, method: Method, count: int, label: str) -> list[_Render]:
         """Renders of prompts ``0..count-1`` with ``method`` (cached; only missing ones are run)."""
         store = self.cache.setdefault((self.scheduler, method), {})
+        if self.disk is not None:
+            store.update(self.disk.load(self.scheduler, method, [i for i in range(count) if i not in store],
+                                        self.prompts))
         missing = [i for i in range(count) if i not in store]
         groups = [missing[k:k + method.batch] for k in range(0, len(missing), method.batch)]
         self.bar.plan(len(groups))
@@ -380,6 +447,8 @@ class _Bench:
             out, _ = _render(self.pipe, method, [self.prompts[i] for i in group], [self.seeds[i] for i in group],
                              self.cfg.guidance)
             store.update(zip(group, out, strict=True))
+            if self.disk is not None:
+                self.disk.save(self.scheduler, method, group, out, self.prompts)
             self.bar.step(f"{self.scheduler}: {label}")
         return [store[i] for i in range(count)]
 
@@ -808,6 +877,9 @@ def bench_skip_cmd(
     device: str = typer.Option("auto", "--device"),
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute FID (loads the Inception network)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Keep renders in this folder: a killed run resumes from it, and processes "
+        "benchmarking different --schedulers can share it."),
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for skip.json, skip.md and plots."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
@@ -823,7 +895,7 @@ def bench_skip_cmd(
                           schedulers=names, steps=steps, ablation_steps=_ints(ablation_steps, "ablation-steps"),
                           threshold=threshold, max_skips=max_skips, batch=batch, oracle_tolerance=oracle_tolerance,
                           seed=seed, guidance=guidance, model=model, device=device, fid=fid,
-                          threads=threads)
+                          threads=threads, cache_dir=str(cache) if cache else None)
     result = bench_skip(cfg, out_dir=out, show_progress=not as_json)
     if as_json:
         print(json.dumps({k: result[k] for k in ("targets", "seconds", "json", "md", "plots")}, default=str))
