@@ -130,3 +130,12 @@ def test_render_cache_on_disk_resumes_and_rejects_stale_files(tmp_path, monkeypa
     assert sum(calls) == 2
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, c, strict=True))
     assert len(list(tmp_path.iterdir())) == 1  # same weights and settings: same folder
+
+
+def test_ablations_default_to_the_first_scheduler_and_reject_unknown_ones():
+    cfg = SkipBenchConfig(schedulers=("ddim", "euler"))
+    assert cfg.ablated() == ("ddim",)
+    assert SkipBenchConfig(schedulers=("ddim", "euler"), ablation_schedulers=("ddim", "euler")).ablated() == \
+        ("ddim", "euler")
+    with pytest.raises(StepsaverError, match="ablation-schedulers"):
+        SkipBenchConfig(schedulers=("ddim",), ablation_schedulers=("euler",)).validate()

@@ -19,7 +19,9 @@ median latency per image, speedup (ratio of the full row's median latency to the
 from one round-robin timing pass so background load hits every method alike), PSNR, LPIPS
 (AlexNet) and FID (TF-Inception) against the full-step images.
 
-Ablations on the first ``ablation_n`` prompts: delta x C_max (with an iso-cost fixed-step
+Ablations on the first ``ablation_n`` prompts, for the schedulers in ``ablation_schedulers``
+(default: the first one, DDIM, where the issue's targets are; every other scheduler doubles the
+run's cost): delta x C_max (with an iso-cost fixed-step
 baseline for every cell, so "which setting beats fixed steps" is answered from the numbers) and
 the step count (ours vs full at 50/25/15/10 steps). The greedy oracle (:mod:`stepsaver.skip.oracle`)
 runs on the first ``oracle_n`` prompts of the first scheduler, next to the estimator's paths.
@@ -114,6 +116,7 @@ class SkipBenchConfig:
 
     n: int = 200
     ablation_n: int = 50
+    ablation_schedulers: tuple[str, ...] | None = None  # None: the first of ``schedulers``
     oracle_n: int = 10
     time_n: int = 50
     macs_n: int = 4
@@ -136,6 +139,10 @@ class SkipBenchConfig:
     cache_dir: str | None = None  # renders kept on disk here: a killed run resumes, processes can share it
     threads: int | None = None  # torch CPU threads for the run (None: leave torch's setting)
 
+    def ablated(self) -> tuple[str, ...]:
+        """The schedulers that get the ablations."""
+        return self.schedulers[:1] if self.ablation_schedulers is None else self.ablation_schedulers
+
     def validate(self) -> None:
         """One-line :class:`StepsaverError` for settings that cannot produce a report."""
         from stepsaver.generate import MAX_STEPS
@@ -151,6 +158,9 @@ class SkipBenchConfig:
                                      f"--n prompts), got {value}")
         if not self.schedulers:
             raise StepsaverError("--schedulers is empty; name at least one, e.g. ddim")
+        extra = sorted(set(self.ablated()) - set(self.schedulers))
+        if extra:
+            raise StepsaverError(f"--ablation-schedulers {extra} are not among --schedulers {list(self.schedulers)}")
         for s in self.schedulers:
             if scheduler_spec(s).second_order:
                 raise StepsaverError(f"scheduler {s!r} calls the denoiser twice a step; bench skip compares "
@@ -519,7 +529,7 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     # ablations (first ablation_n prompts)
     grid_rows: list[dict] = []
     steps_rows: list[dict] = []
-    m = cfg.ablation_n
+    m = cfg.ablation_n if scheduler in cfg.ablated() else 0
     if m:
         ref_m = reference[:m]
         full_calls = _mean([r.calls for r in ref_m])
@@ -793,12 +803,13 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
               f"* PSNR: mean per image (identical images count as {PSNR_CAP:g} dB); LPIPS: AlexNet; FID: TF-Inception "
               f"features of the method's images vs the full-step images ({cfg.n} each; 64x64 upsampled)."]
     if grid:
-        lines += ["", f"## Ablation: delta x C_max ({cfg.ablation_n} prompts, {cfg.steps} steps)", "",
+        lines += ["", f"## Ablation: delta x C_max ({', '.join(cfg.ablated())}; {cfg.ablation_n} prompts, "
+                      f"{cfg.steps} steps)", "",
                   "Each cell has its own iso-cost baseline: plain steps equal to the cell's mean calls, rounded.", "",
                   _fmt_table(grid, ["scheduler", "delta", "max_skips", "denoiser_calls", "call_reduction", "psnr_db",
                                     "lpips", "iso_steps", "iso_psnr_db", "iso_lpips", "beats_iso"])]
     if steps_rows:
-        lines += ["", f"## Ablation: step count ({cfg.ablation_n} prompts)", "",
+        lines += ["", f"## Ablation: step count ({', '.join(cfg.ablated())}; {cfg.ablation_n} prompts)", "",
                   "PSNR/LPIPS of ours against plain steps at the same count, and of both against the "
                   f"{cfg.steps}-step reference.", "",
                   _fmt_table(steps_rows, ["scheduler", "steps", "full_calls", "ours_calls", "call_reduction",
@@ -864,6 +875,9 @@ def bench_skip_cmd(
     macs_n: int | None = typer.Option(
         None, "--macs-n", help="Prompts whose MACs are counted, FlopCounterMode [default: 4, at most --n]."),
     schedulers: str = typer.Option(",".join(DEFAULT_SCHEDULERS), "--schedulers", help="Comma-separated names."),
+    ablation_schedulers: str | None = typer.Option(
+        None, "--ablation-schedulers", help="Schedulers that get the ablations, comma-separated, or 'all' "
+        "[default: the first of --schedulers]."),
     steps: int = typer.Option(50, "--steps", help="Full step count (the issue's targets are at 50)."),
     ablation_steps: str = typer.Option(",".join(map(str, ABLATION_STEPS)), "--ablation-steps"),
     threshold: float = typer.Option(0.01, "--threshold", help="Skip threshold delta of 'ours'."),
@@ -885,6 +899,8 @@ def bench_skip_cmd(
 ) -> None:
     """AdaptiveDiffusion vs full steps, official-compat, DeepCache and iso-cost fixed steps (issue 4)."""
     names = tuple(s.strip() for s in schedulers.split(",") if s.strip())
+    ablated = None if ablation_schedulers is None else names if ablation_schedulers.strip() == "all" else \
+        tuple(s.strip() for s in ablation_schedulers.split(",") if s.strip())
     base = SkipBenchConfig()
 
     def upto(value: int | None, default: int) -> int:  # an unset count follows --n down, a set one is checked
@@ -892,7 +908,8 @@ def bench_skip_cmd(
 
     cfg = SkipBenchConfig(n=n, ablation_n=upto(ablation_n, base.ablation_n), oracle_n=upto(oracle_n, base.oracle_n),
                           time_n=upto(time_n, base.time_n), macs_n=upto(macs_n, base.macs_n),
-                          schedulers=names, steps=steps, ablation_steps=_ints(ablation_steps, "ablation-steps"),
+                          schedulers=names, ablation_schedulers=ablated, steps=steps,
+                          ablation_steps=_ints(ablation_steps, "ablation-steps"),
                           threshold=threshold, max_skips=max_skips, batch=batch, oracle_tolerance=oracle_tolerance,
                           seed=seed, guidance=guidance, model=model, device=device, fid=fid,
                           threads=threads, cache_dir=str(cache) if cache else None)
