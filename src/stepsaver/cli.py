@@ -358,6 +358,47 @@ def train_recommender_cmd(
     out_console.print(f"saved to {result['out']} (confusion matrix: {result['confusion']})")
 
 
+@app.command("distill-recommender")
+@_command
+def distill_recommender_cmd(
+    dataset_dir: Path = typer.Argument(..., help="The `stepsaver dataset` folder the teacher was trained on."),
+    teacher: str = typer.Option("tiny", "--teacher", "-t", help="'tiny' (shipped) or a train-recommender folder."),
+    out: Path = typer.Option(Path("runs/student"), "--out", "-o",
+                             help="Recommender folder to write (teacher files copied + student.safetensors)."),
+    captions: int = typer.Option(50_000, "--captions", help="Unlabelled training-split scene captions to distil on."),
+    caption_seed: int = typer.Option(2, "--caption-seed"),
+    eval_captions: int = typer.Option(1000, "--eval-captions",
+                                      help="Evaluation-split captions for the off-distribution agreement check."),
+    epochs: int = typer.Option(30, "--epochs"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Distil the recommender into a bag-of-word-pieces student (backend 'student'); teacher outputs are cached."""
+    from stepsaver.predict.student import Student
+
+    if captions < 1 or epochs < 1:
+        raise StepsaverError(f"--captions and --epochs must be >= 1, got {captions} and {epochs}")
+    log = (lambda _m: None) if as_json else (lambda m: err_console.print(m, highlight=False))
+    result = Student.distill(dataset_dir, out, teacher=teacher, n_captions=captions, caption_seed=caption_seed,
+                             n_eval_captions=eval_captions, epochs=epochs, seed=seed, log=log)
+    if as_json:
+        print(json.dumps({k: result[k] for k in ("out", "file", "bytes", "metrics", "training")}, default=str))
+        return
+    test = result["metrics"]["test"]
+    table = Table("test split", "teacher", "student", title=f"student vs teacher ({test['teacher']['n']} test rows)",
+                  title_justify="left")
+    for key in ("accuracy", "f1_macro", "log_loss", "spearman_expected_steps", "confidence_0.8_mean_steps",
+                "confidence_0.8_covered"):
+        if key in test["teacher"]:
+            table.add_row(key, f"{test['teacher'][key]:.3f}", f"{test['student'][key]:.3f}")
+    out_console.print(table)
+    agree = test["agreement"]
+    out_console.print(f"agreement with the teacher: argmax {agree['argmax_agreement']:.3f}, steps at confidence "
+                      f"0.8 {agree['confidence_0.8_agreement']:.3f}; saved {result['file']} "
+                      f"({result['bytes'] / 1e6:.2f} MB); use it with StepRecommender.load({str(out)!r}, "
+                      "backend='student') or `stepsaver recommend --backend student`")
+
+
 @app.command()
 @_command
 def recommend(
@@ -365,13 +406,15 @@ def recommend(
     recommender: str = typer.Option("tiny", "--recommender", "-r", help="'tiny' (shipped) or a saved folder."),
     confidence: float | None = typer.Option(None, "--confidence",
                                             help="Fewest steps s with P(label <= s) >= this (default: argmax)."),
+    backend: str = typer.Option("onnx", "--backend",
+                                help="onnx (fine-tuned MiniLM, int8), torch, or student (distilled, much faster)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Recommend a step count per prompt, with class probabilities and milliseconds."""
     from stepsaver.predict.recommender import StepRecommender, validate_prompts
 
     validate_prompts(prompts)
-    rec = StepRecommender.load(recommender)
+    rec = StepRecommender.load(recommender, backend=backend)
     recs = rec.recommend(prompts, confidence=confidence)
     if as_json:
         payload = [r.to_dict() for r in recs]
@@ -576,7 +619,7 @@ def bench_recommend_cmd(
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recommender p50 latency and prompts/s: PyTorch fp32 vs ONNX fp32 vs ONNX int8."""
+    """Recommender p50 latency and prompts/s: PyTorch fp32 vs ONNX fp32 vs ONNX int8 vs the distilled student."""
     from stepsaver.predict.bench import bench_recommend
     from stepsaver.predict.prompts import read_prompts
 

@@ -3,7 +3,8 @@
 ``rules`` holds the labelling rules as pure functions; ``label`` renders prompts over a step
 grid and writes resumable label files (optionally on Ray actors); ``prompts`` reads prompt files;
 ``dataset`` turns labels into splits; ``train`` fits the recommender and its baselines;
-``recommender`` is the fast path: ``StepRecommender.load("tiny").recommend(prompt)``.
+``recommender`` is the fast path: ``StepRecommender.load("tiny").recommend(prompt)``; ``student``
+distils it into a bag-of-word-pieces model for bulk scoring (``backend="student"``).
 """
 
 from stepsaver.predict.label import LabelConfig, Labeler, LabelStore, label_prompts, parse_grid

