@@ -127,6 +127,12 @@ class Student(nn.Module):
         with torch.inference_mode():
             return self._forward_rows(*self._encode(prompts)).numpy()
 
+    def probs(self, prompts: Sequence[str]) -> np.ndarray:
+        """Calibrated class probabilities, one row per prompt (what ``predict_proba`` would give)."""
+        if not len(prompts):
+            return np.zeros((0, self.spec["num_classes"]))
+        return softmax(self.logits(prompts).astype(np.float64), self.temperature)
+
     def oov_fraction(self, prompts: Sequence[str]) -> float:
         """Share of the prompts' word pieces the student never saw in training (they read as UNK)."""
         rows, _ = self._encode(prompts)
@@ -236,16 +242,14 @@ class Student(nn.Module):
         metrics: dict[str, Any] = {}
         for name in ("val", "test", "test_balanced"):
             t_probs = probs(splits[name].prompts)
-            s_probs = softmax(student.logits(splits[name].prompts).astype(np.float64), student.temperature)
-            metrics[name] = _compare(classes, splits[name].y, t_probs, s_probs)
-        metrics["distillation_holdout"] = _agreement(classes, cap_p[hold], _student_probs(student, captions, hold))
+            metrics[name] = _compare(classes, splits[name].y, t_probs, student.probs(splits[name].prompts))
+        metrics["distillation_holdout"] = _agreement(classes, cap_p[hold], student.probs([captions[i] for i in hold]))
         if n_eval_captions > 0:
             from stepsaver.shrink.scenes import SceneGenerator
 
             gen = SceneGenerator(seed=caption_seed, split="eval")
             eval_caps = list(dict.fromkeys(gen.sample(i).caption for i in range(n_eval_captions)))
-            s_probs = softmax(student.logits(eval_caps).astype(np.float64), student.temperature)
-            metrics["eval_split_captions"] = {**_agreement(classes, probs(eval_caps), s_probs),
+            metrics["eval_split_captions"] = {**_agreement(classes, probs(eval_caps), student.probs(eval_caps)),
                                               "oov_fraction": student.oov_fraction(eval_caps)}
 
         out = Path(out)
@@ -336,11 +340,9 @@ def _rows_per_text(student: Student, texts: Sequence[str]) -> list[np.ndarray]:
     return np.split(rows, np.cumsum(lengths)[:-1])
 
 
-def _student_probs(student: Student, texts: Sequence[str], idx: np.ndarray) -> np.ndarray:
-    sel = [texts[i] for i in idx]
-    if not sel:
-        return np.zeros((0, student.spec["num_classes"]))
-    return softmax(student.logits(sel).astype(np.float64), student.temperature)
+def _kl(target: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row, from teacher probabilities and student log-probabilities."""
+    return (target * (torch.log(target.clamp_min(1e-8)) - logp)).sum(1)
 
 
 def _batch(rows_of: list[np.ndarray], idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -368,8 +370,7 @@ def _train(student: Student, rows_of: list[np.ndarray], targets: np.ndarray, har
             if token_dropout > 0:
                 rows = np.where(rng.random(len(rows)) < token_dropout, _UNK, rows)
             logp = torch.log_softmax(student._forward_rows(rows, lengths), dim=1)
-            target = t_all[idx]
-            loss_each = (target * (torch.log(target.clamp_min(1e-8)) - logp)).sum(1)
+            loss_each = _kl(t_all[idx], logp)
             labelled = h_all[idx] >= 0
             if labelled.any():
                 ce = -logp[labelled].gather(1, h_all[idx][labelled].unsqueeze(1)).squeeze(1)
@@ -387,9 +388,8 @@ def _train(student: Student, rows_of: list[np.ndarray], targets: np.ndarray, har
             student.eval()
             with torch.inference_mode():
                 logp = torch.log_softmax(student._forward_rows(*_batch(rows_of, hold)), dim=1)
-            target = t_all[hold]
-            row["holdout_kl"] = float((target * (torch.log(target.clamp_min(1e-8)) - logp)).sum(1).mean())
-            row["holdout_agreement"] = float((logp.argmax(1) == target.argmax(1)).float().mean())
+            row["holdout_kl"] = float(_kl(t_all[hold], logp).mean())
+            row["holdout_agreement"] = float((logp.argmax(1) == t_all[hold].argmax(1)).float().mean())
         else:
             row["holdout_kl"] = row["train_loss"]
         history.append(row)

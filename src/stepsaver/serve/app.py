@@ -64,6 +64,10 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
     # each starting a 2-thread inference oversubscribe them (measured: p99 10 s at concurrency 32)
     recommend_lock = threading.Lock()
 
+    def run_recommender(prompts: str | list[str], confidence: float | None) -> Any:
+        with recommend_lock:
+            return get_recommender().recommend(prompts, confidence=confidence)
+
     def record_batch(jobs: list, results: list) -> None:
         metrics.batch_size.observe(len(jobs))
         for r in results:
@@ -176,8 +180,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
                 raise _field_error("prompt", f"prompt {i} has {len(p)} characters; "
                                              f"allowed 1..{settings.max_prompt_chars}")
         t0 = time.perf_counter()
-        with recommend_lock:
-            recs = get_recommender().recommend(prompts, confidence=body.confidence)
+        recs = run_recommender(prompts, body.confidence)
         items = [RecommendItem(prompt=r.prompt, steps=r.steps, english=r.english, note=r.note,
                                probabilities={str(k): round(v, 5) for k, v in r.probabilities.items()}) for r in recs]
         return RecommendResponse(recommendations=items, milliseconds=(time.perf_counter() - t0) * 1000)
@@ -191,11 +194,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
         source = "given"
         steps = body.steps
         if steps == "auto":
-            def locked_recommend():
-                with recommend_lock:
-                    return get_recommender().recommend(body.prompt, body.confidence)
-
-            rec = await asyncio.to_thread(locked_recommend)
+            rec = await asyncio.to_thread(run_recommender, body.prompt, body.confidence)
             steps, source = rec.steps, "recommended"
             metrics.steps_saved.inc(max(0, 50 - steps))
         if steps > settings.max_steps:
