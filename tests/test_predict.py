@@ -272,3 +272,51 @@ def test_shipped_recommender_for_the_embedded_model():
     assert abs(sum(one.probabilities.values()) - 1) < 1e-6
     expected = [sum(k * v for k, v in r.probabilities.items()) for r in (one, crowd)]
     assert expected[1] > expected[0]  # crowded scenes need more steps: the labels say so, the model learnt it
+
+
+# ---- bench flexi (toy size: the machinery, not the numbers) ----------------------------------
+def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_path, capsys):
+    from stepsaver.predict.flexi import bench_flexi
+    from stepsaver.predict.label import LabelConfig
+
+    cfg = LabelConfig(steps=(10, 30, 50))
+    kw = dict(work=tmp_path / "labels", config=cfg, batch=8, repeats=1, n_boot=4, out_dir=tmp_path / "res")
+    res = bench_flexi(4, **kw)
+    assert "labelled 4 new prompts" in capsys.readouterr().out
+    rows = {r["method"]: r for r in res["rows"]}
+    for s in (10, 30, 50):
+        assert any(m.startswith(f"fixed {s}") for m in rows)
+    assert sum(m.endswith("= iso-cost") for m in rows) == 1
+    assert any(m.startswith("flexi-calculated (first-decline") for m in rows)
+    assert any(m.startswith("flexi-recommended @ confidence") for m in rows)
+    for r in rows.values():
+        assert 10 <= r["denoiser_calls"] <= 50 and r["mean_s"] > 0 and np.isfinite(r["fid"])
+    # the recommender knows the 10..100 grid: its choices are snapped onto the rendered one
+    rec = next(r for m, r in rows.items() if m.startswith("flexi-recommended ("))
+    from stepsaver.predict.recommender import StepRecommender
+    from stepsaver.shrink.scenes import SceneGenerator
+
+    gen = SceneGenerator(seed=1, split="eval")
+    chosen = [r.steps for r in StepRecommender.load("tiny").recommend([gen.sample(i).caption for i in range(4)])]
+    snapped = [min((10, 30, 50), key=lambda g: (abs(g - c), -g)) for c in chosen]
+    assert rec["mean_steps"] == pytest.approx(np.mean(snapped))
+    report = json.loads(Path(res["json"]).read_text())
+    assert set(report["targets"]) == {"no_worse_than_fixed50_and_faster", "beats_iso_cost"}
+    assert set(report["seconds_per_step_count"]) == {"10", "30", "50"}
+    assert Path(res["md"]).read_text().count("Target") >= 2
+    assert (tmp_path / "res" / "flexi.png").exists()
+    # a second run reuses every label and render: nothing is labelled again, the same FIDs
+    again = bench_flexi(4, **kw)
+    assert "labelled" not in capsys.readouterr().out
+    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in res["rows"]]
+
+
+def test_bench_flexi_refuses_a_set_of_one_and_a_grid_without_50(tmp_path):
+    from stepsaver.predict.flexi import bench_flexi
+    from stepsaver.predict.label import LabelConfig
+
+    with pytest.raises(StepsaverError, match="--n must be >= 2"):
+        bench_flexi(1)
+    with pytest.raises(StepsaverError, match="has no 50"):
+        bench_flexi(4, work=tmp_path, config=LabelConfig(steps=(10, 20, 30)))
+    assert not any(tmp_path.iterdir())  # refused before anything was rendered
