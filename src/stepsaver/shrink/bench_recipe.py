@@ -122,8 +122,9 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
                f"compute), same UNet and VAE; {n} held-out prompts (eval split, seed {scene_seed}), seed {seed}, "
                f"guidance {guidance}.\n\nTarget (Deci reaches SD's {last}-step FID {target:.2f} in >= "
                f"{TARGET_FEWER:.0%} fewer steps, i.e. <= {int((1 - TARGET_FEWER) * last)}): "
-               f"**{'met' if met else 'NOT met'}** - Deci first reaches it at "
-               f"{match if match is not None else 'no grid point'} steps; FID(Deci @ {match or last}) - "
+               f"**{'met' if met else 'NOT met'}** - "
+               + (f"Deci first reaches it at {match} steps" if match is not None else "Deci never reaches it")
+               + f"; FID(Deci @ {match or last}) - "
                f"FID(SD @ {last}) = {ci['fid_diff']:+.2f} [{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}] (bootstrap 95%).")
     paths = write_report(name, rows, title="Recipe comparison: DeciDiffusion vs SD-style at identical compute",
                          summary=summary, plots=[plot], out_dir=out,
