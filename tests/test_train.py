@@ -65,6 +65,27 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, vae_dir):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_fine_tune_starts_from_the_given_pipeline(tmp_path, vae_dir):
+    base = train_model(_cfg(tmp_path, vae_dir, "base", steps=2), progress=False)
+    # seed 1 draws other batches and noise, scene_seed 0 reuses the cached scene set of the base run
+    cfg = _cfg(tmp_path, vae_dir, "tuned", steps=2, seed=1, scene_seed=0, init_from=base["pipeline"])
+    start = train_model(cfg, progress=False, stop_after=0)
+    assert not start["finished"]
+    init = load_file(f"{base['pipeline']}/unet/diffusion_pytorch_model.safetensors")
+    state = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=False)["model"]
+    for k, v in init.items():
+        torch.testing.assert_close(state[k], v.float())
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["scenes-s0-n200"]
+    tuned = train_model(cfg, progress=False)
+    assert tuned["finished"]
+    after = load_file(f"{tuned['pipeline']}/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(after[k], init[k]) for k in init)
+    with pytest.raises(StepsaverError, match="trained for v_prediction"):
+        train_model(_cfg(tmp_path, vae_dir, "x", recipe="sd", init_from=base["pipeline"]), progress=False)
+    with pytest.raises(StepsaverError, match="no UNet config.json"):
+        train_model(_cfg(tmp_path, vae_dir, "x", init_from=str(tmp_path / "nowhere")), progress=False)
+
+
 def test_bad_training_config_is_a_clear_error(tmp_path, vae_dir):
     with pytest.raises(StepsaverError, match="unknown recipe"):
         train_model(_cfg(tmp_path, vae_dir, "x", recipe="sdxl"), progress=False)

@@ -561,6 +561,12 @@ def train_model_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
     max_minutes: float | None = typer.Option(None, "--max-minutes",
                                                 help="Stop (checkpointed, resumable) after this long."),
+    warmup: int = typer.Option(200, "--warmup", help="Linear LR warm-up steps."),
+    scene_seed: int | None = typer.Option(None, "--scene-seed",
+                                          help="Seed of the scene set (default: --seed); --seed then only "
+                                               "drives batches and noise."),
+    init_from: Path | None = typer.Option(None, "--init-from",
+                                          help="Warm-start the UNet from a pipeline (or unet/) folder."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Train the text-to-image UNet with the DeciDiffusion recipe (or the SD baseline)."""
@@ -568,7 +574,8 @@ def train_model_cmd(
 
     cfg = TrainConfig(out=str(out), vae=str(vae), recipe=recipe, steps=steps, batch_size=batch_size,
                       scenes=scenes, lr=lr, ema_fraction=ema_fraction, min_snr_gamma=min_snr_gamma,
-                      cfg_dropout=cfg_dropout, checkpoint_every=checkpoint_every, cache=str(cache), seed=seed)
+                      cfg_dropout=cfg_dropout, checkpoint_every=checkpoint_every, cache=str(cache), seed=seed,
+                      warmup=warmup, scene_seed=scene_seed, init_from=None if init_from is None else str(init_from))
     summary = train_model(cfg, resume=resume, progress=not as_json, max_minutes=max_minutes)
     summary.pop("history", None)
     _emit(summary, as_json, f"trained ({recipe})")

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stepsaver.errors import StepsaverError
 from stepsaver.shrink.architecture import unet_config
-from stepsaver.shrink.recipe import RECIPES, ema_start_step, min_snr_weights, recipe_spec, snr
+from stepsaver.shrink.recipe import RECIPES, ema_start_step, min_snr_weights, noise_scheduler_config, recipe_spec, snr
 
 
 @dataclass
@@ -50,6 +50,13 @@ class TrainConfig:
     font: str | None = None
     grid_prompts: int = 16
     grid_steps: int = 30
+    init_from: str | None = None
+    scene_seed: int | None = None  # seed of the scene set; None: ``seed``. Lets a fine-tune reuse
+    # the cached scenes while drawing other batches and noise than the run it starts from.
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.scene_seed is None else self.scene_seed
 
     def validate(self) -> None:
         if self.recipe not in RECIPES:
@@ -60,6 +67,29 @@ class TrainConfig:
             raise StepsaverError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
         if not (Path(self.vae) / "config.json").exists():
             raise StepsaverError(f"no trained autoencoder at {self.vae}; run `stepsaver train-vae` first")
+        if self.init_from is not None:
+            init_unet_folder(self.init_from, self.recipe)
+
+
+def init_unet_folder(path: str | Path, recipe: str) -> Path:
+    """The UNet folder to warm-start from: ``path`` itself or ``path/unet`` of a pipeline folder.
+
+    Fine-tuning a model trained for another parametrisation (epsilon vs v) silently wastes the
+    run, so a pipeline folder whose scheduler says otherwise than ``recipe`` is refused here.
+    """
+    path = Path(path)
+    folder = path / "unet" if (path / "unet" / "config.json").exists() else path
+    if not (folder / "config.json").exists():
+        raise StepsaverError(f"--init-from {path}: no UNet config.json there or in {path / 'unet'}; "
+                             "pass a diffusers pipeline folder or its unet/ folder")
+    sched_cfg = path / "scheduler" / "scheduler_config.json"
+    if sched_cfg.exists():
+        want = noise_scheduler_config(recipe).get("prediction_type", "epsilon")
+        have = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon")
+        if want != have:
+            raise StepsaverError(f"--init-from {path} was trained for {have} prediction but recipe {recipe!r} "
+                                 f"trains {want}; pick the matching --recipe or another starting model")
+    return folder
 
 
 def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
@@ -70,8 +100,8 @@ def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
     from stepsaver.shrink.precompute import folder_digest, precompute_moments, precompute_text
     from stepsaver.shrink.scenes import load_scene_set, write_scene_set
 
-    data = Path(cfg.cache) / f"scenes-s{cfg.seed}-n{cfg.scenes}"
-    write_scene_set(data, cfg.scenes, seed=cfg.seed, split="train", font=cfg.font, progress=progress)
+    data = Path(cfg.cache) / f"scenes-s{cfg.data_seed}-n{cfg.scenes}"
+    write_scene_set(data, cfg.scenes, seed=cfg.data_seed, split="train", font=cfg.font, progress=progress)
     images, scenes = load_scene_set(data)
     if not (data / "text.done").exists() or int((data / "text.done").read_text()) < len(scenes):
         encoder, tokenizer = load_text_encoder()
@@ -136,7 +166,11 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     noise_scheduler = DDIMScheduler(**spec.scheduler)
 
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(**unet_config())
+    if cfg.init_from is not None:  # warm start (fine-tune); a resumed checkpoint below still wins
+        unet = UNet2DConditionModel.from_pretrained(init_unet_folder(cfg.init_from, cfg.recipe),
+                                                    torch_dtype=torch.float32)
+    else:
+        unet = UNet2DConditionModel(**unet_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     unet, opt = accelerator.prepare(unet, opt)
