@@ -718,6 +718,48 @@ def bench_recipe_cmd(
     out_console.print(table)
     out_console.print(result["summary"])
 
+@bench_app.command("models")
+@_command
+def bench_models_cmd(
+    pipeline: list[str] = typer.Option(..., "--pipeline", "-p",
+                                       help="LABEL=FOLDER, repeated; the first is the baseline."),
+    n: int = typer.Option(300, "--n", help="Held-out prompts to evaluate."),
+    grid: str = typer.Option("30,50", "--steps", help="DDIM step counts to evaluate."),
+    name: str = typer.Option("models", "--name", help="Report name under --out-dir."),
+    n_boot: int = typer.Option(100, "--n-boot", help="Bootstrap replicates of the FID difference."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Two or more checkpoints of a scene model: FID, adherence, objects found (large/small), grid."""
+    from stepsaver.shrink.bench_models import bench_models
+
+    try:
+        steps = sorted({int(x) for x in grid.split(",") if x.strip()})
+    except ValueError:
+        steps = []
+    if not steps or steps[0] <= 0:
+        raise StepsaverError(f"--steps {grid!r}: write positive step counts separated by commas, e.g. 30,50")
+    pipes = {}
+    for item in pipeline:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise StepsaverError(f"--pipeline {item!r}: write LABEL=FOLDER, e.g. --pipeline v1=runs/deci/pipeline")
+        pipes[label] = folder
+    result = bench_models(pipes, n=n, grid=steps, name=name, n_boot=n_boot, out_dir=out_dir,
+                          progress=not as_json)
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    table = Table("model", "steps", "FID", "adherence", "background", "large found", "small found", "position",
+                  title="checkpoints", title_justify="left")
+    for r in result["rows"]:
+        table.add_row(r["model"], str(r["steps"]), f"{r['fid']:.2f}", f"{r['adherence']:.3f}",
+                      f"{r['background']:.3f}", f"{r['presence_large']:.3f}", f"{r['presence_small']:.3f}",
+                      f"{r['position']:.3f}")
+    out_console.print(table)
+    out_console.print(result["summary"])
+
+
 @bench_app.command("serve")
 @_command
 def bench_serve_cmd(

@@ -1,0 +1,37 @@
+"""`stepsaver bench models`: two checkpoints side by side on held-out prompts (toy size)."""
+
+import json
+from types import SimpleNamespace
+
+from typer.testing import CliRunner
+
+from stepsaver.cli import app
+from stepsaver.shrink.bench_models import presence_by_size
+
+runner = CliRunner()
+
+
+def test_presence_by_size_counts_found_objects_per_size():
+    obj = lambda name, size: SimpleNamespace(name=name, size=size)  # noqa: E731
+    scenes = [SimpleNamespace(objects=(obj("cat", "large"), obj("car", "small"))),
+              SimpleNamespace(objects=(obj("dog", "small"),))]
+    predicted = [{"objects": {"cat": "left", "dog": "right"}}, {"objects": {"dog": "center"}}]
+    assert presence_by_size(predicted, scenes) == {"large": 1.0, "small": 0.5}
+
+
+def test_bench_models_reports_each_checkpoint(tmp_path):
+    from stepsaver.pipelines import EMBEDDED_DIR
+
+    r = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}", "-p", f"b={EMBEDDED_DIR}", "--n", "4",
+                            "--steps", "2", "--n-boot", "2", "--out-dir", str(tmp_path), "--name", "toy", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert [(x["model"], x["steps"]) for x in rows] == [("a", 2), ("b", 2)]
+    for key in ("fid", "adherence", "background", "presence_large", "presence_small", "position"):
+        assert rows[0][key] == rows[1][key]  # the same folder twice: same noise, same images, same scores
+    for f in ("toy.json", "toy.md", "toy.png", "toy-grid.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    bad = runner.invoke(app, ["bench", "models", "-p", "only-a-folder", "-p", "x=y"])
+    assert bad.exit_code == 2 and "LABEL=FOLDER" in bad.output
+    one = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}"])
+    assert one.exit_code == 2 and "at least two" in one.output
