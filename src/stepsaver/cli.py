@@ -542,6 +542,32 @@ def train_vae(
     _emit({**metrics, "vae": str(out / "vae")}, as_json, "autoencoder")
 
 
+@app.command("tune-decoder")
+@_command
+def tune_decoder_cmd(
+    vae: Path = typer.Option(..., "--vae", help="Trained AutoencoderKL folder (or a pipeline folder)."),
+    out: Path = typer.Option(Path("runs/vae-decoder"), "--out"),
+    steps: int = typer.Option(2500, "--steps"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    lpips_weight: float = typer.Option(1.0, "--lpips-weight", help="Weight of the LPIPS-alex term."),
+    seed: int = typer.Option(1, "--seed"),
+    into_pipeline: Path | None = typer.Option(None, "--into-pipeline",
+                                              help="Also write OUT/pipeline: this pipeline with the new decoder."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fine-tune only the decoder of a trained autoencoder (encoder frozen, so the UNet stays valid)."""
+    from stepsaver.shrink.decoder import DecoderTuneConfig, tune_decoder
+
+    result = tune_decoder(DecoderTuneConfig(vae=str(vae), out=str(out), steps=steps, batch_size=batch_size, lr=lr,
+                                            lpips_weight=lpips_weight, seed=seed,
+                                            into_pipeline=None if into_pipeline is None else str(into_pipeline)),
+                          resume=resume)
+    flat = {f"{k} {when}": v for when in ("before", "after") for k, v in result[when].items()}
+    _emit(result if as_json else {**flat, "vae": result["vae"], "pipeline": result.get("pipeline")}, as_json, "decoder")
+
+
 @app.command("train-model")
 @_command
 def train_model_cmd(
