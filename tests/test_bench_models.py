@@ -22,11 +22,16 @@ def test_presence_by_size_counts_found_objects_per_size():
 def test_bench_models_reports_each_checkpoint(tmp_path):
     from stepsaver.pipelines import EMBEDDED_DIR
 
-    r = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}", "-p", f"b={EMBEDDED_DIR}", "--n", "4",
+    r = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}", "-p", f"b={EMBEDDED_DIR}",
+                            "-p", f"c={EMBEDDED_DIR}", "--n", "4",
                             "--steps", "2", "--n-boot", "2", "--out-dir", str(tmp_path), "--name", "toy", "--json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.stdout)["rows"]
-    assert [(x["model"], x["steps"]) for x in rows] == [("a", 2), ("b", 2)]
+    result = json.loads(r.stdout)
+    rows = result["rows"]
+    assert [(x["model"], x["steps"]) for x in rows] == [("a", 2), ("b", 2), ("c", 2)]
+    # three checkpoints: each is compared with the one before it, and the last with the first
+    assert [(c["a"], c["b"]) for c in result["bootstrap_chain"]] == [("b", "a"), ("c", "b")]
+    assert result["bootstrap"]["fid_diff"] == 0.0
     for key in ("fid", "adherence", "background", "presence_large", "presence_small", "position"):
         assert rows[0][key] == rows[1][key]  # the same folder twice: same noise, same images, same scores
     for f in ("toy.json", "toy.md", "toy.png", "toy-grid.png"):

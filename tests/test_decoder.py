@@ -40,6 +40,7 @@ def test_only_the_decoder_learns_and_the_pipeline_loads(tmp_path, vae_dir):
     changed = [n for n, a in old.state_dict().items() if n.startswith("decoder.")
                and not torch.equal(a, new.state_dict()[n])]
     assert changed, "the decoder did not learn"
+    assert Path(result["figure"]).stat().st_size > 0
     for when in ("before", "after"):
         assert result[when]["psnr_db"] > 0 and result[when]["lpips_alex"] >= 0
     pipe = load_pipeline(result["pipeline"], device="cpu")

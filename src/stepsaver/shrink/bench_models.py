@@ -13,6 +13,7 @@ real | each model for the first prompts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,11 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     labels = list(pipelines)
     top = max(grid)
     ci = bootstrap_fid_difference(real_f, feats[(labels[-1], top)], feats[(labels[0], top)], n_boot=n_boot)
+    # With three or more checkpoints, each one is also compared with the one before it, so a
+    # chain of changes (v1 -> longer run -> new decoder) shows what each change bought.
+    chain = [] if len(labels) < 3 else [
+        {"a": b, "b": a, **bootstrap_fid_difference(real_f, feats[(b, top)], feats[(a, top)], n_boot=n_boot)}
+        for a, b in pairwise(labels)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     side = np.concatenate([real[:n_grid]] + [shown[k] for k in labels], axis=2)
@@ -99,9 +105,12 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     summary = (f"{n} held-out prompts (eval split, seed {scene_seed}), noise seed {seed}, guidance {guidance}, "
                f"DDIM. FID({labels[-1]}) - FID({labels[0]}) at {top} steps = {ci['fid_diff']:+.2f} "
                f"[{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}] (bootstrap 95%). presence_large/small: share of "
-               "the caption's large/small objects the detector finds anywhere in the image.\n\n"
+               "the caption's large/small objects the detector finds anywhere in the image."
+               + "".join(f" FID({c['a']}) - FID({c['b']}) = {c['fid_diff']:+.2f} [{c['ci_low']:+.2f}, "
+                         f"{c['ci_high']:+.2f}]." for c in chain) + "\n\n"
                f"![real | {' | '.join(labels)}]({grid_png.name})")
     paths = write_report(name, rows, title=f"Checkpoints compared: {' vs '.join(labels)}", summary=summary,
-                         plots=[plot], out_dir=out, extra={"pipelines": pipelines, "bootstrap": ci})
-    return {"rows": rows, "bootstrap": ci, "summary": summary, "grid": str(grid_png),
+                         plots=[plot], out_dir=out, extra={"pipelines": pipelines, "bootstrap": ci,
+                                                                          "bootstrap_chain": chain})
+    return {"rows": rows, "bootstrap": ci, "bootstrap_chain": chain, "summary": summary, "grid": str(grid_png),
             **{k: str(v) for k, v in paths.items()}}

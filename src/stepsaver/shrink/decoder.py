@@ -142,12 +142,33 @@ def tune_decoder(cfg: DecoderTuneConfig, resume: bool = True) -> dict:
     model.eval()
     after = evaluate_decoder(model, lpips, cfg.eval_images, cfg.font, accelerator.device)
     model.save_pretrained(out / "vae", safe_serialization=True)
+    figure = _reconstruction_figure(_load_vae(cfg.vae), model, out / "reconstructions.png", cfg.font,
+                                    accelerator.device)
     result = {"before": before, "after": after, "seconds_this_run": time.time() - t0,
-              "vae": str(out / "vae"), "config": asdict(cfg)}
+              "vae": str(out / "vae"), "figure": str(figure), "config": asdict(cfg)}
     if cfg.into_pipeline is not None:
         result["pipeline"] = str(_write_pipeline(model, Path(cfg.into_pipeline), out / "pipeline"))
     metrics_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+@torch.no_grad()
+def _reconstruction_figure(old: AutoencoderKL, new: AutoencoderKL, png: Path, font: str | None,
+                           device: torch.device, n: int = 8) -> Path:
+    """Held-out scenes: real | old decoder | new decoder (the same latent means)."""
+    from stepsaver.shrink.grid import save_grid
+
+    gen = SceneGenerator(seed=0, split="eval", font=font)
+    images, scenes = next(gen.iter_batches(0, n))
+    x = images_to_tensor(images).to(device)
+    z = new.encode(x).latent_dist.mode()  # the encoder is shared: old and new see the same latents
+
+    def to_uint8(vae: AutoencoderKL) -> np.ndarray:
+        rec = vae.to(device).decode(z).sample.clamp(-1, 1)
+        return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    side = np.concatenate([images, to_uint8(old), to_uint8(new)], axis=2)
+    return save_grid(png, side, [s.caption for s in scenes], cols=2)
 
 
 def _write_pipeline(vae: AutoencoderKL, source: Path, dest: Path) -> Path:
