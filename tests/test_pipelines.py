@@ -95,7 +95,11 @@ def test_bad_model_names_and_folders_give_one_line_errors(tmp_path, tiny_folders
 
 
 def test_every_sampler_agrees_with_ddim_on_the_zero_snr_embedded_model(embedded_pipe):
-    """Samplers without zero-terminal-SNR support get clamped betas instead of NaN or garbage."""
+    """Samplers without zero-terminal-SNR support get clamped betas instead of NaN or garbage.
+
+    At 50 steps every sampler has converged to DDIM's image (observed <= 0.03; unclamped Heun is
+    ~0.5 off, DPM2 NaN). At 20 steps PNDM and LMS legitimately differ more, so that is not tested.
+    """
     import numpy as np
 
     original = embedded_pipe.scheduler
@@ -104,10 +108,10 @@ def test_every_sampler_agrees_with_ddim_on_the_zero_snr_embedded_model(embedded_
         images = {}
         for name in SCHEDULERS:
             embedded_pipe.scheduler = make_scheduler(name, original.config)
-            images[name] = embedded_pipe(prompt, num_inference_steps=20, guidance_scale=5.0, output_type="np",
+            images[name] = embedded_pipe(prompt, num_inference_steps=50, guidance_scale=5.0, output_type="np",
                                          generator=torch.Generator().manual_seed(0)).images[0]
     finally:
         embedded_pipe.scheduler = original
     for name, img in images.items():
         assert np.isfinite(img).all(), name
-        assert np.abs(img - images["ddim"]).mean() < 0.06, name
+        assert np.abs(img - images["ddim"]).mean() < 0.04, name
