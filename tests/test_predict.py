@@ -280,7 +280,7 @@ def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_pa
     from stepsaver.predict.label import LabelConfig
 
     cfg = LabelConfig(steps=(10, 30, 50))
-    kw = dict(work=tmp_path / "labels", config=cfg, batch=8, repeats=1, n_boot=4, out_dir=tmp_path / "res")
+    kw = dict(work=tmp_path / "labels", config=cfg, batch=8, repeats=1, n_boot=2, out_dir=tmp_path / "res")
     res = bench_flexi(4, **kw)
     assert "labelled 4 new prompts" in capsys.readouterr().out
     rows = {r["method"]: r for r in res["rows"]}

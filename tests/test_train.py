@@ -100,7 +100,7 @@ def test_bench_recipe_trains_both_at_identical_compute_and_reports(tmp_path, vae
     assert steps_to_match({10: 9.0, 20: 6.0}, 5.0) is None
     base = _cfg(tmp_path, vae_dir, "unused", steps=2)
     result = bench_recipe(base, work=tmp_path / "recipe", n=4, grid=(2, 3), batch=4, out_dir=tmp_path / "res",
-                          progress=False)
+                          progress=False, n_boot=2)
     assert [(r["recipe"], r["steps"]) for r in result["rows"]] == [("deci", 2), ("deci", 3), ("sd", 2), ("sd", 3)]
     assert all(r["fid"] >= 0 and 0 <= r["adherence"] <= 1 for r in result["rows"])
     report = json.loads((tmp_path / "res" / "recipe.json").read_text())

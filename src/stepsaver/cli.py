@@ -724,6 +724,7 @@ def bench_recipe_cmd(
     grid: str = typer.Option("10,20,30,40,50", "--steps", help="DDIM step counts to evaluate."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training (resumable) after this."),
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    n_boot: int = typer.Option(100, "--n-boot", help="Bootstrap replicates of the FID difference."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Deci recipe vs SD-style baseline at identical compute: FID and adherence vs DDIM steps."""
@@ -734,7 +735,7 @@ def bench_recipe_cmd(
     pipes = {k: v for k, v in (("deci", deci), ("sd", sd)) if v}
     base = TrainConfig(vae=str(vae), steps=steps, batch_size=batch_size, scenes=scenes, cache=str(cache))
     result = bench_recipe(base, work=work, pipelines=pipes, n=n, grid=parse_grid(grid), out_dir=out_dir,
-                          progress=not as_json, max_minutes=max_minutes)
+                          progress=not as_json, max_minutes=max_minutes, n_boot=n_boot)
     if as_json:
         print(json.dumps(result, default=str))
         return
