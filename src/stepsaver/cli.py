@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stepsaver.errors import StepsaverError
@@ -675,7 +676,7 @@ def bench_recommend_cmd(
         table.add_row(r["path"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['cache_hit_ms']:.3f}",
                       f"{r['prompts_per_s']:,.0f}", f"{r['agreement_with_torch']:.3f}")
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 
 @bench_app.command("flexi")
@@ -707,7 +708,7 @@ def bench_flexi_cmd(
         table.add_row(r["method"], f"{r['mean_steps']:.1f}", f"{r['fid']:.2f}", f"{r['adherence']:.3f}",
                       f"{r['mean_s']:.3f}", f"{r['speedup_vs_fixed50']:.2f}x")
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 @bench_app.command("recipe")
 @_command
@@ -743,7 +744,7 @@ def bench_recipe_cmd(
     for r in result["rows"]:
         table.add_row(r["recipe"], str(r["steps"]), f"{r['fid']:.2f}", f"{r['adherence']:.3f}")
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 @bench_app.command("models")
 @_command
@@ -784,7 +785,7 @@ def bench_models_cmd(
                       f"{r['background']:.3f}", f"{r['presence_large']:.3f}", f"{r['presence_small']:.3f}",
                       f"{r['position']:.3f}")
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 
 @bench_app.command("serve")
@@ -812,7 +813,7 @@ def bench_serve_cmd(
         table.add_row(r["load"], f"{r['ok']}/{r['requests']}", f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}",
                       f"{r['p99_ms']:.1f}", str(r["status_503"]), str(r["other_5xx"]))
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 @bench_app.command("compound")
 @_command
@@ -839,7 +840,7 @@ def bench_compound_cmd(
         table.add_row(r["method"], f"{r['denoiser_calls']:.1f}", f"{r['median_s']:.3f}", f"{r['fid']:.2f}",
                       f"{r['adherence']:.3f}", f"{r['psnr_vs_fixed50']:.1f}", f"{r['lpips_vs_fixed50']:.3f}")
     out_console.print(table)
-    out_console.print(result["summary"])
+    out_console.print(escape(result["summary"]))
 
 from stepsaver.skip.bench import bench_skip_cmd  # noqa: E402 - the command lives with the Skip benchmark
 
