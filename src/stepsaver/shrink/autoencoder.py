@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def warmup_cosine(steps: int, warmup: int = 50) -> Callable[[int], float]:
+    """LR factor: linear warm-up over ``warmup`` steps, then cosine from 1 down to 10% at ``steps``."""
+    def factor(s: int) -> float:
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return factor
+
+
+def progress_columns(label: str) -> tuple:
+    """Rich progress layout of the autoencoder trainers: label, bar, steps, live info, time left."""
+    return (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+
+
 def train_autoencoder(cfg: AutoencoderTrainConfig, resume: bool = True) -> dict:
     """Train (or continue training) the autoencoder; returns the final metrics."""
     out = Path(cfg.out)
@@ -58,18 +72,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, resume: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**vae_config())
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    def lr_factor(s: int) -> float:  # 50-step warm-up, then cosine down to 10%
-        return min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
     vae, opt = accelerator.prepare(vae, opt)
     step = 0
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
         step = load_checkpoint(ckpt, accelerator.unwrap_model(vae), opt, sched)
     gen = SceneGenerator(seed=cfg.seed, split="train", font=cfg.font)
-    columns = (TextColumn("[bold]vae"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = progress_columns("vae")
     t0, seen = time.time(), 0
     with Progress(*columns, disable=not accelerator.is_main_process) as bar:
         task = bar.add_task("vae", total=cfg.steps, completed=step, info="")

@@ -41,19 +41,14 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
     from stepsaver.pipelines import load_pipeline
-    from stepsaver.shrink.bench_recipe import _generate_set
+    from stepsaver.shrink.bench_recipe import _generate_set, heldout_set
     from stepsaver.shrink.grid import save_grid
-    from stepsaver.shrink.scenes import SceneGenerator
 
     if len(pipelines) < 2:
         raise StepsaverError("bench models compares checkpoints: pass at least two --pipeline LABEL=FOLDER")
     if n < 2:
         raise StepsaverError(f"--n must be >= 2 (FID needs a set), got {n}")
-    gen = SceneGenerator(seed=scene_seed, split="eval")
-    scenes = [gen.sample(i) for i in range(n)]
-    prompts = [s.caption for s in scenes]
-    real = np.stack([gen.render(s) for s in scenes])
-    real_f = features(real, cache=True)
+    scenes, prompts, real, real_f = heldout_set(n, scene_seed)
     scorer = AdherenceScorer.load()
     rows, feats, shown = [], {}, {}
     for label, folder in pipelines.items():

@@ -44,6 +44,17 @@ def _generate_set(pipe, prompts: Sequence[str], steps: int, batch: int, seed: in
     return np.concatenate(out)
 
 
+def heldout_set(n: int, scene_seed: int) -> tuple[list, list[str], np.ndarray, Any]:
+    """The first ``n`` eval-split scenes: scenes, captions, real renders and their (cached) FID features."""
+    from stepsaver.measure.fid import features
+    from stepsaver.shrink.scenes import SceneGenerator
+
+    gen = SceneGenerator(seed=scene_seed, split="eval")
+    scenes = [gen.sample(i) for i in range(n)]
+    real = np.stack([gen.render(s) for s in scenes])
+    return scenes, [s.caption for s in scenes], real, features(real, cache=True)
+
+
 def steps_to_match(fids: dict[int, float], target: float) -> int | None:
     """Fewest grid steps whose FID is <= ``target`` (None: never)."""
     hits = [s for s in sorted(fids) if fids[s] <= target]
@@ -65,7 +76,6 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.pipelines import load_pipeline
-    from stepsaver.shrink.scenes import SceneGenerator
 
     if n < 2:
         raise StepsaverError(f"--n must be >= 2 (FID needs a set), got {n}")
@@ -82,11 +92,7 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
                                  "(--max-minutes); run the same command again to continue")
         trained[recipe] = {k: v for k, v in summary.items() if k != "history"}
         pipelines[recipe] = summary["pipeline"]
-    gen = SceneGenerator(seed=scene_seed, split="eval")
-    scenes = [gen.sample(i) for i in range(n)]
-    prompts = [s.caption for s in scenes]
-    real = np.stack([gen.render(s) for s in scenes])
-    real_f = features(real, cache=True)
+    scenes, prompts, real, real_f = heldout_set(n, scene_seed)
     scorer = AdherenceScorer.load()
     rows, fids, feats = [], {}, {}
     for recipe in ("deci", "sd"):

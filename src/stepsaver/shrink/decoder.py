@@ -15,7 +15,6 @@ ready for ``stepsaver bench models`` against the original.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -26,11 +25,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from stepsaver.errors import StepsaverError
 from stepsaver.measure.lpips import LPIPS
-from stepsaver.shrink.autoencoder import images_to_tensor, psnr
+from stepsaver.shrink.autoencoder import images_to_tensor, progress_columns, psnr, warmup_cosine
 from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
 from stepsaver.shrink.scenes import SceneGenerator
 
@@ -95,11 +94,7 @@ def tune_decoder(cfg: DecoderTuneConfig, resume: bool = True) -> dict:
     lpips = LPIPS("alex").to(accelerator.device)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-
-    def lr_factor(s: int) -> float:  # 50-step warm-up, then cosine down to 10%
-        return min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps))
     vae, opt = accelerator.prepare(vae, opt)
     model = accelerator.unwrap_model(vae)
     metrics_path = out / "decoder_metrics.json"
@@ -113,8 +108,7 @@ def tune_decoder(cfg: DecoderTuneConfig, resume: bool = True) -> dict:
         (out / "before.json").write_text(json.dumps(before))
     model.decoder.train()
     gen = SceneGenerator(seed=cfg.seed, split="train", font=cfg.font)
-    columns = (TextColumn("[bold]decoder"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = progress_columns("decoder")
     t0, done = time.time(), 0
     with Progress(*columns, disable=not accelerator.is_main_process) as bar:
         task = bar.add_task("decoder", total=cfg.steps, completed=step, info="")
