@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from stepsaver.measure.cost import CostModel, count_macs, time_call
-from stepsaver.measure.report import bootstrap_fid_difference, machine_info, markdown_table, write_report
+from stepsaver.measure.report import (
+    bootstrap_fid_difference,
+    frechet_distance_from_rows,
+    machine_info,
+    markdown_table,
+    write_report,
+)
 
 
 def test_macs_of_a_conv_layer_equal_the_closed_form():
@@ -64,6 +70,36 @@ def test_bootstrap_ci_separates_a_clearly_better_method():
     far = real + 0.3 * torch.randn(48, 2048, generator=g) + 0.2
     out = bootstrap_fid_difference(real, close, far, n_boot=4)
     assert out["fid_diff"] < 0 and out["ci_high"] < 0
+
+
+def test_frechet_distance_from_rows_equals_torchmetrics_fid():
+    from torchmetrics.image.fid import _compute_fid
+
+    from stepsaver.measure.report import _stats
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(120, 300, generator=g)
+    for fake in (real[torch.randint(0, 120, (90,), generator=g)] + 0.1 * torch.randn(90, 300, generator=g),
+                 0.5 * torch.rand(150, 300, generator=g) + 0.3):
+        expected = float(_compute_fid(*_stats(fake), *_stats(real)))
+        assert frechet_distance_from_rows(real, fake) == pytest.approx(expected, rel=1e-6)
+
+
+def test_paired_bootstrap_is_narrower_for_two_renderings_of_the_same_prompts():
+    # 200 "prompts" that differ a lot from each other; a and b render each one with a small,
+    # method-specific error. Resampling prompts jointly removes the shared prompt variation.
+    g = torch.Generator().manual_seed(0)
+    real = 3 * torch.randn(200, 16, generator=g)
+    a = real + 0.3 * torch.randn(200, 16, generator=g)
+    b = real + 0.6 * torch.randn(200, 16, generator=g)
+    paired = bootstrap_fid_difference(real, a, b, n_boot=40, paired=True)
+    loose = bootstrap_fid_difference(real, a, b, n_boot=40)
+    assert paired["paired"] and not loose["paired"]
+    assert paired["fid_diff"] == pytest.approx(loose["fid_diff"])
+    assert paired["ci_high"] < 0 < loose["ci_high"]
+    assert paired["ci_high"] - paired["ci_low"] < 0.5 * (loose["ci_high"] - loose["ci_low"])
+    with pytest.raises(ValueError, match="row-aligned"):
+        bootstrap_fid_difference(real, a[:100], b, paired=True)
 
 
 def test_linear_fit_recovers_a_line_and_r2():

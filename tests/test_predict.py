@@ -125,6 +125,34 @@ def test_sweep_uses_generate_noise_and_resumes(sd15_pipe, tmp_path):
         label_prompts(prompts, tmp_path, LabelConfig(model="tiny-sd15", steps=(2, 4)), pipe=sd15_pipe)
 
 
+def test_a_labels_folder_refuses_other_weights_of_the_same_model(sd15_pipe, tiny_folders, tmp_path):
+    import shutil
+
+    from stepsaver.pipelines import weights_fingerprint
+    from stepsaver.predict import LabelConfig, label_prompts
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd15"], folder)
+    cfg = LabelConfig(model=str(folder), steps=(2, 3), guidance=3.0)
+    before = weights_fingerprint(folder)
+    assert before and weights_fingerprint("no/such/hub-id") is None
+    store = label_prompts(["a red cat"], tmp_path / "labels", cfg, pipe=sd15_pipe)
+    assert json.loads((store.root / "meta.json").read_text())["weights"] == before
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # a retrained model under the same name
+    assert weights_fingerprint(folder) != before
+    with pytest.raises(StepsaverError, match="weights changed"):
+        label_prompts(["a blue dog"], tmp_path / "labels", cfg, pipe=sd15_pipe)
+    assert [r["prompt"] for r in store.rows()] == ["a red cat"]  # nothing appended, nothing lost
+    # a folder written before fingerprints existed: say how to adopt it, don't guess
+    meta = store.root / "meta.json"
+    old = json.loads(meta.read_text())
+    old.pop("weights")
+    meta.write_text(json.dumps(old))
+    with pytest.raises(StepsaverError, match='add "weights"'):
+        label_prompts(["a blue dog"], tmp_path / "labels", cfg, pipe=sd15_pipe)
+
+
 # ---- dataset -----------------------------------------------------------------------------------
 def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
     """Label rows whose converged label is decided by the prompt's object count (learnable)."""
@@ -303,6 +331,10 @@ def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_pa
     report = json.loads(Path(res["json"]).read_text())
     assert set(report["targets"]) == {"no_worse_than_fixed50_and_faster", "beats_iso_cost"}
     assert set(report["seconds_per_step_count"]) == {"10", "30", "50"}
+    # verdicts use the prompt-paired bootstrap; the independent-sets CI is kept next to it
+    assert report["bootstrap_vs_iso"]["paired"] is True and "unpaired_ci_high" in report["bootstrap_vs_iso"]
+    oracle = report["bootstrap_labels_vs_their_iso"]
+    assert oracle["labels"].startswith("flexi-calculated (converged") and oracle["iso_cost_steps"] in (10, 30, 50)
     assert Path(res["md"]).read_text().count("Target") >= 2
     assert (tmp_path / "res" / "flexi.png").exists()
     # a second run reuses every label and render: nothing is labelled again, the same FIDs

@@ -690,6 +690,7 @@ def bench_flexi_cmd(
     scene_seed: int = typer.Option(1, "--scene-seed"),
     batch: int = typer.Option(32, "--batch"),
     repeats: int = typer.Option(3, "--repeats", help="Timed batch-1 generations per step count (median)."),
+    n_boot: int = typer.Option(400, "--n-boot", help="Bootstrap replicates of each FID difference."),
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -699,7 +700,7 @@ def bench_flexi_cmd(
 
     result = bench_flexi(n, scene_seed=scene_seed, work=work, recommender=recommender, confidence=confidence,
                          config=LabelConfig(steps=parse_grid(steps)), batch=batch, repeats=repeats,
-                         out_dir=out_dir, progress=not as_json)
+                         n_boot=n_boot, out_dir=out_dir, progress=not as_json)
     if as_json:
         print(json.dumps(result, default=str))
         return

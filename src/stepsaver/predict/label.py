@@ -61,10 +61,17 @@ class LabelConfig:
         object.__setattr__(self, "steps", check_grid(self.steps))
 
     def identity(self) -> dict[str, Any]:
-        """The settings that change the renders (tau only changes a derived column)."""
+        """The settings that change the renders (tau only changes a derived column).
+
+        ``weights`` fingerprints the model's files: the name ``tiny`` survives a retrain of the
+        embedded model, and a resumed run must not append labels of other weights.
+        """
+        from stepsaver.pipelines import weights_fingerprint
+
         d = asdict(self)
         d.pop("tau")
         d["steps"] = list(self.steps)
+        d["weights"] = weights_fingerprint(self.model)
         return d
 
 
@@ -161,9 +168,17 @@ class LabelStore:
         meta_path = self.root / META_FILE
         if meta_path.exists():
             saved = json.loads(meta_path.read_text())
-            if saved != self.config.identity():
-                diff = {k: (saved.get(k), v) for k, v in self.config.identity().items() if saved.get(k) != v}
-                raise StepsaverError(f"{self.root} holds labels made with other settings {diff} (saved, asked); "
+            asked = self.config.identity()
+            if "weights" not in saved and asked["weights"] is not None:
+                raise StepsaverError(
+                    f"{meta_path} does not record which weights of {saved.get('model')!r} made these labels "
+                    f"(written before weights were fingerprinted); if they are the current ones, add "
+                    f'"weights": "{asked["weights"]}" to it, otherwise label into a new --out folder')
+            if saved != asked:
+                diff = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+                hint = (" (the model's weights changed since: the labels describe the old ones)"
+                        if "weights" in diff else "")
+                raise StepsaverError(f"{self.root} holds labels made with other settings {diff} (saved, asked){hint}; "
                                      "use a new --out folder or the same settings")
         else:
             meta_path.write_text(json.dumps(self.config.identity(), indent=1))
