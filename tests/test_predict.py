@@ -206,6 +206,12 @@ def test_training_reports_baselines_and_learns(trained):
     majority = result["rows"][0]
     assert selected["test"]["accuracy"] > majority["test"]["accuracy"] + 0.2  # object count is learnable
     assert Path(result["confusion"]).exists()
+    # int8 is kept only if it keeps fp32's predictions (argmax flips counted over train + val)
+    check = result["onnx_int8_check"]
+    assert check["prompts"] > 0 and 0 <= check["argmax_agreement"] <= 1
+    assert check["keep"] == (check["argmax_agreement"] >= 0.97
+                             and check["val_log_loss"]["int8"] <= check["val_log_loss"]["fp32"] + 0.02)
+    assert json.loads((Path(result["out"]) / "recommender.json").read_text())["int8"] == check["keep"]
 
 
 def test_recommend_fast_path(trained):

@@ -343,7 +343,8 @@ def train_recommender_cmd(
 
         write_report(report, rows, title="Step recommender vs baselines",
                      summary=f"Classes {result['classes']}; selected: {result['selected']}; "
-                             f"ONNX int8: {result['int8']} (val accuracy {result['onnx_val_accuracy']}).",
+                             f"ONNX int8: {result['int8']} (argmax agreement with fp32 "
+                             f"{result['onnx_int8_check']['argmax_agreement']:.3f}).",
                      extra={"detail": result})
     if as_json:
         print(json.dumps({"rows": rows, "selected": result["selected"], "out": result["out"],

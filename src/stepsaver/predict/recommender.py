@@ -207,7 +207,7 @@ class StepRecommender:
 
         cache = _cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"{self._digest}{'-int8' if self.config.int8 else ''}.onnx"
+        path = cache / f"{self._digest}{'-int8pc' if self.config.int8 else ''}.onnx"
         if not path.exists():
             export_onnx(self.model, self.tokenizer, path, int8=self.config.int8)
         options = ort.SessionOptions()
@@ -295,7 +295,8 @@ def export_onnx(model, tok, path: Path, int8: bool = True) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         q = path.with_suffix(f".{os.getpid()}.int8.onnx")
-        quantize_dynamic(str(tmp), str(q), weight_type=QuantType.QInt8)
+        # per-channel scales: per-tensor int8 flipped 6% of argmaxes of the v2 recommender, this 2%
+        quantize_dynamic(str(tmp), str(q), weight_type=QuantType.QInt8, per_channel=True)
         tmp.unlink()
         tmp = q
     os.replace(tmp, path)
