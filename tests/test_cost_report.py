@@ -133,7 +133,7 @@ def test_bench_time_cli_writes_report_and_plot(tmp_path):
 def test_bench_compound_runs_every_method_on_the_same_prompts_with_paired_cis(tmp_path):
     from stepsaver.measure.bench_compound import bench_compound
 
-    res = bench_compound(3, out_dir=tmp_path, progress=False)
+    res = bench_compound(3, out_dir=tmp_path, progress=False, n_boot=20)
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows)[:4] == ["fixed 50", "Predict alone", "Skip alone (50 steps)", "Predict + Skip"]
     assert rows["fixed 50"]["denoiser_calls"] == 50 and rows["fixed 50"]["psnr_vs_fixed50"] == 100

@@ -24,8 +24,8 @@ TARGET_CALL_RATIO = 4.0
 
 def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float | None = None,
                    threshold: float = 0.01, max_skips: int = 4, scene_seed: int = 3, guidance: float = 5.0,
-                   out_dir: str | Path = "docs/results", name: str = "compound", progress: bool = True
-                   ) -> dict[str, Any]:
+                   out_dir: str | Path = "docs/results", name: str = "compound", progress: bool = True,
+                   n_boot: int = 400) -> dict[str, Any]:
     from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
 
     plt = pyplot()
@@ -98,8 +98,8 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
                                                           for i in range(0, len(x), 32)]).mean())})
     comp, fixed, iso_row = rows[3], rows[0], rows[4]
     # every method renders the same prompts with the same seeds: resample prompts (paired)
-    ci50 = bootstrap_fid_difference(real_f, feats["Predict + Skip"], feats["fixed 50"], n_boot=400, paired=True)
-    ci_iso = bootstrap_fid_difference(real_f, feats["Predict + Skip"], feats[iso_row["method"]], n_boot=400,
+    ci50 = bootstrap_fid_difference(real_f, feats["Predict + Skip"], feats["fixed 50"], n_boot=n_boot, paired=True)
+    ci_iso = bootstrap_fid_difference(real_f, feats["Predict + Skip"], feats[iso_row["method"]], n_boot=n_boot,
                                       paired=True)
     t_calls = comp["calls_ratio_vs_fixed50"] >= TARGET_CALL_RATIO
     t_fid = ci50["ci_low"] <= 0
@@ -124,7 +124,7 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
         f"({ci50['fid_diff']:+.2f} [{ci50['ci_low']:+.2f}, {ci50['ci_high']:+.2f}]).\n"
         f"- Better FID than iso-cost fixed {iso}: **{'met' if t_iso else 'NOT met'}** ({comp['fid']:.2f} vs "
         f"{iso_row['fid']:.2f}; difference CI [{ci_iso['ci_low']:+.2f}, {ci_iso['ci_high']:+.2f}]). CIs: paired "
-        "bootstrap over prompts, 400 replicates.")
+        f"bootstrap over prompts, {n_boot} replicates.")
     paths = write_report(name, rows, title="Compound default: Predict + Skip", summary=summary, plots=[plot],
                          out_dir=out, extra={"targets": {"calls": t_calls, "fid_no_worse": t_fid, "beats_iso": t_iso},
                                              "bootstrap_vs_fixed50": ci50, "bootstrap_vs_iso": ci_iso})

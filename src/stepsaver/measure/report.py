@@ -128,10 +128,11 @@ def frechet_distance_from_rows(real: torch.Tensor, fake: torch.Tensor) -> float:
     same number, about 30x faster when there are fewer images than feature dimensions, which
     is what makes hundreds of bootstrap replicates affordable on a CPU.
     """
-    xr = real.double() - real.double().mean(0)
-    xf = fake.double() - fake.double().mean(0)
+    real, fake = real.double(), fake.double()
+    mr, mf = real.mean(0), fake.mean(0)
+    xr, xf = real - mr, fake - mf
     cr, cf = len(xr) - 1, len(xf) - 1
-    mean_term = (real.double().mean(0) - fake.double().mean(0)).square().sum()
+    mean_term = (mr - mf).square().sum()
     trace_term = xr.square().sum() / cr + xf.square().sum() / cf
     cross = torch.linalg.matrix_norm(xf @ xr.T, ord="nuc") / (cr * cf) ** 0.5
     return float(mean_term + trace_term - 2 * cross)

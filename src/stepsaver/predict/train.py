@@ -230,8 +230,8 @@ def int8_check(out: Path, config: RecommenderConfig, splits: dict[str, Split]) -
         config.int8 = int8
         (out / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=1))
         probs[int8] = StepRecommender.load(out).predict_proba(prompts)
-        val = probs[int8][len(splits["train"].prompts):]
-        val_nll[int8] = float(-np.log(np.clip(val[np.arange(len(val)), splits["val"].y], 1e-12, None)).mean())
+        val_nll[int8] = _scores(probs[int8][len(splits["train"].prompts):], splits["val"].y,
+                                len(config.classes))["log_loss"]
     agreement = float((probs[True].argmax(1) == probs[False].argmax(1)).mean())
     keep = agreement >= INT8_MIN_AGREEMENT and val_nll[True] <= val_nll[False] + INT8_MAX_NLL_INCREASE
     return {"keep": keep, "argmax_agreement": agreement, "prompts": len(prompts),
