@@ -16,7 +16,7 @@ from stepsaver.measure.adherence import (
     parse_caption,
     train_adherence,
 )
-from stepsaver.shrink.scenes import HELD_OUT_TEMPLATES, SceneGenerator
+from stepsaver.scenes import HELD_OUT_TEMPLATES, SceneGenerator
 
 
 @pytest.fixture(scope="module")

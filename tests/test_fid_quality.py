@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 from stepsaver.errors import StepsaverError
 from stepsaver.measure import fid as fidmod
 from stepsaver.measure.quality import psnr, ssim
-from stepsaver.shrink.scenes import SceneGenerator
+from stepsaver.scenes import SceneGenerator
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from stepsaver import SCHEDULERS, StepsaverError, generate, load_pipeline, make_scheduler
-from stepsaver.shrink.precompute import encode_captions
+from stepsaver.text import encode_captions
 
 
 def test_registry_maps_names_to_diffusers_classes(embedded_pipe):

@@ -328,7 +328,7 @@ def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_pa
     # the recommender knows the 10..100 grid: its choices are snapped onto the rendered one
     rec = next(r for m, r in rows.items() if m.startswith("flexi-recommended ("))
     from stepsaver.predict.recommender import StepRecommender
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     gen = SceneGenerator(seed=1, split="eval")
     chosen = [r.steps for r in StepRecommender.load("tiny").recommend([gen.sample(i).caption for i in range(4)])]

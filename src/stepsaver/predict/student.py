@@ -20,7 +20,7 @@ averages token vectors can imitate it at a tiny fraction of the cost:
   the teacher, because ``recommend(prompt, confidence)`` reads the output as probabilities.
 
 It learns by distillation: KL divergence to the teacher's calibrated probabilities on scene
-captions generated for free (:class:`~stepsaver.shrink.scenes.SceneGenerator`, training split,
+captions generated for free (:class:`~stepsaver.scenes.SceneGenerator`, training split,
 validation and test prompts removed), plus cross-entropy on the hard labels of the labelled
 training rows. The teacher's probabilities are cached per chunk of captions (keyed by the
 teacher's weights and the chunk's text), so a killed or repeated run never recomputes them and
@@ -209,7 +209,7 @@ class Student(nn.Module):
         held = {p for name in ("val", "test", "test_balanced") for p in splits[name].prompts}
         generated = captions is None
         if captions is None:
-            from stepsaver.shrink.scenes import SceneGenerator
+            from stepsaver.scenes import SceneGenerator
 
             gen = SceneGenerator(seed=caption_seed, split="train")
             captions = [gen.sample(i).caption for i in range(n_captions)]
@@ -245,7 +245,7 @@ class Student(nn.Module):
             metrics[name] = _compare(classes, splits[name].y, t_probs, student.probs(splits[name].prompts))
         metrics["distillation_holdout"] = _agreement(classes, cap_p[hold], student.probs([captions[i] for i in hold]))
         if n_eval_captions > 0:
-            from stepsaver.shrink.scenes import SceneGenerator
+            from stepsaver.scenes import SceneGenerator
 
             gen = SceneGenerator(seed=caption_seed, split="eval")
             eval_caps = list(dict.fromkeys(gen.sample(i).caption for i in range(n_eval_captions)))

@@ -133,7 +133,7 @@ def finetune(splits: dict[str, Split], k: int, lr: float, epochs: int, batch: in
 
 def _mean_embeddings(prompts: Sequence[str]) -> np.ndarray:
     """Frozen MiniLM sentence embeddings (mean pooling, L2-normalised, as sentence-transformers)."""
-    from stepsaver.pipelines import load_text_encoder
+    from stepsaver.text import load_text_encoder
 
     encoder, tok = load_text_encoder(max_tokens=MAX_LENGTH)
     outs = []

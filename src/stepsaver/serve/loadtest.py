@@ -86,7 +86,7 @@ def bench_serve(n_recommend: int = 2000, c_recommend: int = 32, n_generate: int 
     import httpx
 
     from stepsaver.measure.report import write_report
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

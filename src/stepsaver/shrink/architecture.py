@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TEXT_DIM = 384  # MiniLM-L6 hidden size
-MAX_TOKENS = 40  # every caption of the scene grammar fits; prompts are padded to this length
+from stepsaver.text import TEXT_DIM
 
 
 def vae_config() -> dict[str, Any]:

@@ -22,9 +22,9 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from stepsaver.scenes import SceneGenerator
 from stepsaver.shrink.architecture import vae_config
 from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
-from stepsaver.shrink.scenes import SceneGenerator
 
 
 @dataclass

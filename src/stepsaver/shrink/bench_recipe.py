@@ -47,7 +47,7 @@ def _generate_set(pipe, prompts: Sequence[str], steps: int, batch: int, seed: in
 def heldout_set(n: int, scene_seed: int) -> tuple[list, list[str], np.ndarray, Any]:
     """The first ``n`` eval-split scenes: scenes, captions, real renders and their (cached) FID features."""
     from stepsaver.measure.fid import features
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     gen = SceneGenerator(seed=scene_seed, split="eval")
     scenes = [gen.sample(i) for i in range(n)]

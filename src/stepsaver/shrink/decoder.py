@@ -29,9 +29,9 @@ from rich.progress import Progress
 
 from stepsaver.errors import StepsaverError
 from stepsaver.measure.lpips import LPIPS
+from stepsaver.scenes import SceneGenerator
 from stepsaver.shrink.autoencoder import images_to_tensor, progress_columns, psnr, warmup_cosine
 from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
-from stepsaver.shrink.scenes import SceneGenerator
 
 __all__ = ["DecoderTuneConfig", "tune_decoder"]
 

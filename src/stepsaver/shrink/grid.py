@@ -39,7 +39,7 @@ def render_eval_grid(pipe, png: str | Path, n: int = 16, steps: int = 30, guidan
     """Generate the first ``n`` held-out (eval split) scene prompts, each beside its real scene."""
     import torch
 
-    from stepsaver.shrink.scenes import SceneGenerator
+    from stepsaver.scenes import SceneGenerator
 
     gen = SceneGenerator(seed=seed, split="eval", font=font)
     scenes = [gen.sample(i) for i in range(n)]

@@ -20,20 +20,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stepsaver.shrink.architecture import MAX_TOKENS, TEXT_DIM
-
-
-@torch.no_grad()
-def encode_captions(texts: Sequence[str], encoder, tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Encode prompts exactly as diffusers' ``StableDiffusionPipeline.encode_prompt`` does.
-
-    (Pad to ``tokenizer.model_max_length``, pass the attention mask because the encoder's config
-    asks for it, take the last hidden state.) A test checks equality with the pipeline.
-    """
-    tok = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt")
-    out = encoder(tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
-    return out[0]
+from stepsaver.text import MAX_TOKENS, TEXT_DIM, encode_captions
 
 
 def _resumable_fill(path: Path, shape: tuple[int, ...], chunk: int, fill: Callable[[int, int], np.ndarray],

@@ -96,9 +96,9 @@ def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
     """Render the scenes and precompute text embeddings and VAE moments (each cached, resumable)."""
     from diffusers import AutoencoderKL
 
-    from stepsaver.pipelines import load_text_encoder
+    from stepsaver.scenes import load_scene_set, write_scene_set
     from stepsaver.shrink.precompute import folder_digest, precompute_moments, precompute_text
-    from stepsaver.shrink.scenes import load_scene_set, write_scene_set
+    from stepsaver.text import load_text_encoder
 
     data = Path(cfg.cache) / f"scenes-s{cfg.data_seed}-n{cfg.scenes}"
     write_scene_set(data, cfg.scenes, seed=cfg.data_seed, split="train", font=cfg.font, progress=progress)
@@ -276,7 +276,7 @@ def export_pipeline(unet, vae, scheduler_config: dict, folder: Path, dtype=torch
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from stepsaver.pipelines import load_text_encoder
+    from stepsaver.text import load_text_encoder
 
     encoder, tokenizer = load_text_encoder()
     pipe = StableDiffusionPipeline(

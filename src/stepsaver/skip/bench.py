@@ -423,7 +423,7 @@ class _Bench:
 
     def __init__(self, cfg: SkipBenchConfig, bar: _Bar) -> None:
         from stepsaver.pipelines import load_pipeline
-        from stepsaver.shrink.scenes import SceneGenerator
+        from stepsaver.scenes import SceneGenerator
 
         self.cfg, self.bar = cfg, bar
         gen = SceneGenerator(seed=cfg.prompt_seed, split="eval")
