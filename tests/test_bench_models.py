@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from typer.testing import CliRunner
 
 from stepsaver.cli import app
-from stepsaver.shrink.bench_models import presence_by_size
+from stepsaver.bench.models import presence_by_size
 
 runner = CliRunner()
 

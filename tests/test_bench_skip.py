@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stepsaver import StepsaverError
-from stepsaver.skip.bench import COLUMNS, SkipBenchConfig, bench_skip, peak_memory_bytes, targets
+from stepsaver.bench.skip import COLUMNS, SkipBenchConfig, bench_skip, peak_memory_bytes, targets
 
 
 def test_peak_memory_counts_what_the_call_allocates():
@@ -22,7 +22,7 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     """Every stage on 2 prompts x 6 steps. FID's 2048x2048 eigen-decompositions (seconds each) and the
     profiler pass are stubbed here; their own code is tested in test_fid_quality and above."""
     import stepsaver.measure.fid as fid_module
-    import stepsaver.skip.bench as bench_module
+    import stepsaver.bench.skip as bench_module
 
     monkeypatch.setattr(fid_module, "features", lambda images, **_: torch.zeros(len(images), 4))
     monkeypatch.setattr(fid_module, "fid_from_features", lambda real, fake: 1.5)
@@ -97,8 +97,8 @@ def test_render_cache_on_disk_resumes_and_rejects_stale_files(tmp_path, monkeypa
     differs (changed vocabulary) or that is torn is rendered again, never reused."""
     import numpy as np
 
-    import stepsaver.skip.bench as bench_module
-    from stepsaver.skip.bench import Method, _Bar, _Bench
+    import stepsaver.bench.skip as bench_module
+    from stepsaver.bench.skip import Method, _Bar, _Bench
 
     calls = []
     real = bench_module._render

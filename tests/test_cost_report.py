@@ -104,7 +104,7 @@ def test_paired_bootstrap_is_narrower_for_two_renderings_of_the_same_prompts():
 
 
 def test_linear_fit_recovers_a_line_and_r2():
-    from stepsaver.measure.bench_time import linear_fit
+    from stepsaver.bench.time import linear_fit
 
     fit = linear_fit([10, 20, 30, 40], [1.2, 2.2, 3.2, 4.2])
     assert fit["slope"] == pytest.approx(0.1) and fit["intercept"] == pytest.approx(0.2)
@@ -131,7 +131,7 @@ def test_bench_time_cli_writes_report_and_plot(tmp_path):
 
 
 def test_bench_compound_runs_every_method_on_the_same_prompts_with_paired_cis(tmp_path):
-    from stepsaver.measure.bench_compound import bench_compound
+    from stepsaver.bench.compound import bench_compound
 
     res = bench_compound(3, out_dir=tmp_path, progress=False, n_boot=20)
     rows = {r["method"]: r for r in res["rows"]}

@@ -310,7 +310,7 @@ def test_shipped_recommender_for_the_embedded_model():
 
 # ---- bench flexi (toy size: the machinery, not the numbers) ----------------------------------
 def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_path, capsys):
-    from stepsaver.predict.flexi import bench_flexi
+    from stepsaver.bench.flexi import bench_flexi
     from stepsaver.predict.label import LabelConfig
 
     cfg = LabelConfig(steps=(10, 30, 50))
@@ -350,7 +350,7 @@ def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_pa
 
 
 def test_bench_flexi_refuses_a_set_of_one_and_a_grid_without_50(tmp_path):
-    from stepsaver.predict.flexi import bench_flexi
+    from stepsaver.bench.flexi import bench_flexi
     from stepsaver.predict.label import LabelConfig
 
     with pytest.raises(StepsaverError, match="--n must be >= 2"):

@@ -188,7 +188,7 @@ def test_ray_serve_replica_answers(tmp_path):
 
     import httpx
 
-    from stepsaver.serve.loadtest import free_port, wait_healthy
+    from stepsaver.bench.load import free_port, wait_healthy
 
     port = free_port()
     env = {**os.environ, "STEPSAVER_STUDY_DB": str(tmp_path / "s.sqlite"), "RAY_ADDRESS": "local"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stepsaver import StepsaverError, generate, load_pipeline, make_scheduler
-from stepsaver.generate import count_denoiser_calls
+from stepsaver.generation import count_denoiser_calls
 from stepsaver.skip import (
     AdaptiveSkipConfig,
     consecutive_skips,

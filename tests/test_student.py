@@ -124,7 +124,7 @@ def test_cli_recommend_with_the_student_backend():
 
 
 def test_bench_recommend_times_the_student_as_a_fourth_row(distilled, tmp_path):
-    from stepsaver.predict.bench import STUDENT_PATH, TARGET_PER_SECOND, bench_recommend
+    from stepsaver.bench.recommend import STUDENT_PATH, TARGET_PER_SECOND, bench_recommend
 
     _, out, captions, _ = distilled
     result = bench_recommend(out, captions[:40], n_single=4, batch=16, threads=1, out_dir=tmp_path, name="speed")

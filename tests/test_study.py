@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import ServeSettings, create_app
 from stepsaver.serve import study as st
-from stepsaver.serve.loadtest import free_port, wait_healthy
+from stepsaver.bench.load import free_port, wait_healthy
 
 
 def test_parse_config():

@@ -94,7 +94,7 @@ def test_bad_training_config_is_a_clear_error(tmp_path, vae_dir):
 
 
 def test_bench_recipe_trains_both_at_identical_compute_and_reports(tmp_path, vae_dir):
-    from stepsaver.shrink.bench_recipe import bench_recipe, steps_to_match
+    from stepsaver.bench.recipe import bench_recipe, steps_to_match
 
     assert steps_to_match({10: 9.0, 20: 5.0, 30: 4.0}, 5.0) == 20
     assert steps_to_match({10: 9.0, 20: 6.0}, 5.0) is None

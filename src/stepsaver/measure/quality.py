@@ -35,11 +35,14 @@ def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def psnr(a, b) -> torch.Tensor:
-    """Per-image PSNR in dB (data range 1)."""
+def psnr(a, b, per_image: bool = True) -> torch.Tensor:
+    """PSNR in dB (data range 1): per image, or of the whole batch's pooled MSE (``per_image=False``,
+    what a training log reports for a batch)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     x, y = _pair(a, b)
+    if not per_image:
+        return peak_signal_noise_ratio(x, y, data_range=1.0)
     return peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 

@@ -9,8 +9,9 @@ distils it into a bag-of-word-pieces model for bulk scoring (``backend="student"
 
 from stepsaver.predict.label import LabelConfig, Labeler, LabelStore, label_prompts, parse_grid
 from stepsaver.predict.prompts import read_prompts
-from stepsaver.predict.recommender import Recommendation, StepRecommender
+from stepsaver.predict.recommender import Recommendation, StepRecommender, resolve_steps, step_chooser
 from stepsaver.predict.rules import DEFAULT_TAU, apply_rule, converged, first_decline
 
 __all__ = ["DEFAULT_TAU", "LabelConfig", "LabelStore", "Labeler", "Recommendation", "StepRecommender",
-           "apply_rule", "converged", "first_decline", "label_prompts", "parse_grid", "read_prompts"]
+           "apply_rule", "converged", "first_decline", "label_prompts", "parse_grid", "read_prompts",
+           "resolve_steps", "step_chooser"]

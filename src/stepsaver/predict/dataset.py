@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stepsaver.errors import StepsaverError
 from stepsaver.predict.language import is_english
 from stepsaver.predict.rules import DEFAULT_TAU, apply_rule
@@ -221,3 +223,38 @@ def label_report(rows: Sequence[dict[str, Any]], name: str = "labels", out_dir: 
                          out_dir=out, columns=cols,
                          extra={"mean_ssim_next": nxt.mean(0).tolist(), "mean_ssim_ref": ref.mean(0).tolist()})
     return {"rows": table, **{k: str(v) for k, v in paths.items()}}
+
+
+@dataclass
+class Split:
+    """One split of a step-label dataset: prompts and their class indices (into the class list)."""
+
+    prompts: list[str]
+    y: np.ndarray
+
+
+def splits_of(folder: Path, classes: list[int]) -> dict[str, Split]:
+    """The train/val/test(/balanced) splits of ``folder`` restricted to ``classes`` (the recommender's
+    and its student's training data, read the same way by both)."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for name in ("train", "val", "test", "test_balanced"):
+        rows = [r for r in load_split(folder, name) if r["label"] in index]
+        out[name] = Split([r["prompt"] for r in rows], np.array([index[r["label"]] for r in rows], dtype=np.int64))
+    if len(out["train"].prompts) == 0 or len(out["val"].prompts) == 0:
+        raise StepsaverError(f"{folder}: empty train or val split; label more prompts")
+    return out
+
+
+def scores(probs: np.ndarray, y: np.ndarray, k: int) -> dict[str, Any]:
+    """Accuracy, macro F1 and log loss of class probabilities (the metrics every recommender reports)."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    if len(y) == 0:
+        return {"n": 0}
+    probs = np.clip(probs, 1e-7, 1)
+    probs = probs / probs.sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    return {"n": int(len(y)), "accuracy": float(accuracy_score(y, pred)),
+            "f1_macro": float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0)),
+            "log_loss": float(log_loss(y, probs, labels=list(range(k))))}

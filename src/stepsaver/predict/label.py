@@ -30,8 +30,12 @@ LABELS_FILE = "labels.jsonl"
 META_FILE = "meta.json"
 
 
-def parse_grid(spec: str) -> tuple[int, ...]:
-    """``"10:100:10"`` (start:stop:step, inclusive) or ``"10,20,50"`` -> a validated grid."""
+def parse_grid(spec: str, at_least: int = 2) -> tuple[int, ...]:
+    """``"10:100:10"`` (start:stop:step, inclusive) or ``"10,20,50"`` -> a validated grid.
+
+    The one parser of step grids on the command line (labels, benchmarks); ``at_least`` is the
+    fewest step counts the caller can use.
+    """
     try:
         if ":" in spec:
             start, stop, step = (int(x) for x in spec.split(":"))
@@ -43,7 +47,7 @@ def parse_grid(spec: str) -> tuple[int, ...]:
     except ValueError:
         raise StepsaverError(f"cannot read step grid {spec!r}; write start:stop:step (10:100:10) "
                              "or a list (10,20,50)") from None
-    return check_grid(grid)
+    return check_grid(grid, at_least)
 
 
 @dataclass(frozen=True)
@@ -85,33 +89,22 @@ class Labeler:
         self.pipe = pipe if pipe is not None else load_pipeline(config.model, scheduler=config.scheduler, device=device)
         self.pipe.set_progress_bar_config(disable=True)
 
-    def _noise(self, n: int) -> torch.Tensor:
-        """The noise ``generate(..., seed)`` starts from, once per prompt (so batching changes nothing)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        pipe = self.pipe
-        denoiser = pipe.unet
-        size = denoiser.config.sample_size
-        shape = (1, denoiser.config.in_channels, size, size)
-        one = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(self.config.seed),
-                           device=pipe.device, dtype=denoiser.dtype)
-        return one.expand(n, -1, -1, -1).clone()
-
     def render(self, prompts: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-        """``{steps: images[N,H,W,3] float}`` and seconds per prompt for each step count."""
-        from stepsaver.generate import validate_request
+        """``{steps: images[N,H,W,3] float}`` and seconds per prompt for each step count.
+
+        Every prompt starts from the noise of ``config.seed`` (what ``generate(..., seed)`` draws),
+        so batching changes nothing; UNet and transformer pipelines alike.
+        """
+        from stepsaver.generation import generate_images, validate_request
 
         for p in prompts:
             validate_request(p, self.config.steps[-1], self.config.guidance)
         renders, seconds = {}, {}
-        noise = self._noise(len(prompts))
         for n in self.config.steps:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = self.pipe(list(prompts), num_inference_steps=n, guidance_scale=self.config.guidance,
-                                latents=noise.clone(), output_type="np")
-            seconds[n] = (time.perf_counter() - t0) / len(prompts)
-            renders[n] = np.asarray(out.images, dtype=np.float32)
+            results = generate_images(self.pipe, list(prompts), steps=n, seeds=self.config.seed,
+                                      guidance=self.config.guidance, output_type="np")
+            seconds[n] = results[0].seconds / len(prompts)
+            renders[n] = np.stack([np.asarray(r.image, dtype=np.float32) for r in results])
         return renders, seconds
 
     def label(self, prompts: Sequence[str], keep_images: bool = False) -> list[dict[str, Any]]:
@@ -314,3 +307,50 @@ def _ray_label(batches: list[list[str]], config: LabelConfig, workers: int, devi
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def label_file(prompts: Sequence[str], out: str | Path, config: LabelConfig, *, batch: int = 16, workers: int = 1,
+               device: str = "auto", ray_address: str | None = None, save_images: bool = False,
+               rule: str = "first-decline", progress: bool = True, console: Any = None) -> dict[str, Any]:
+    """:func:`label_prompts` with a progress bar that starts at what an earlier run already labelled.
+
+    Returns the summary ``stepsaver label`` prints: rows labelled (old and new), prompts/hour of
+    this run, the label counts under ``rule`` and the parquet file written beside the jsonl.
+    """
+    import collections
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stepsaver.predict.rules import RULES
+
+    if rule not in RULES:
+        raise StepsaverError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+    texts = list(prompts)
+    if not texts:
+        raise StepsaverError("no prompts to label")
+    total = len(dict.fromkeys(texts))
+    t0 = time.perf_counter()
+    fresh = [0]
+    with Progress(TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console, disable=not progress) as bar:
+        task = bar.add_task("label", total=total, rate="")
+
+        def advance(n: int) -> None:
+            if n == 0:  # first call: prompts already labelled by an earlier run
+                bar.update(task, completed=len(LabelStore(Path(out), config).done & set(texts)))
+                return
+            fresh[0] += n
+            rate = fresh[0] / (time.perf_counter() - t0) * 3600
+            bar.update(task, advance=n, rate=f"{rate:,.0f} prompts/h")
+
+        store = label_prompts(texts, out, config, batch=batch, workers=workers, device=device,
+                              ray_address=ray_address, on_batch=advance, save_images=save_images)
+    elapsed = time.perf_counter() - t0
+    parquet = store.to_parquet()
+    key = "label_first_decline" if rule == "first-decline" else "label_converged"
+    rows = [r for r in store.rows() if r["prompt"] in set(texts)]
+    counts = collections.Counter(r[key] for r in rows)
+    return {"labelled": len(rows), "new": fresh[0], "seconds": round(elapsed, 1),
+            "prompts_per_hour": round(fresh[0] / elapsed * 3600, 1) if fresh[0] else None,
+            "rule": rule, "labels": dict(sorted(counts.items())), "out": str(parquet)}
+

@@ -301,3 +301,41 @@ def export_onnx(model, tok, path: Path, int8: bool = True) -> Path:
         tmp = q
     os.replace(tmp, path)
     return path
+
+
+def resolve_steps(prompt: str, steps: int | str, recommender: Any = None,
+                  confidence: float | None = None) -> tuple[int, dict[str, Any]]:
+    """``steps`` as given (an int, or a string of one), or ``"auto"``: ask the step recommender.
+
+    ``recommender`` is a :class:`StepRecommender`, a saved folder, or None for the shipped one.
+    Returns the step count and what to add to the result's summary (where the count came from).
+    """
+    if steps != "auto":
+        if isinstance(steps, str):
+            try:
+                steps = int(steps)
+            except ValueError:
+                raise StepsaverError(f"steps must be an integer or 'auto', got {steps!r}") from None
+        return steps, {}
+    from stepsaver.generation import validate_request
+
+    validate_request(prompt, 1, 0.0)
+    rec = recommender if recommender is not None else StepRecommender.load("tiny")
+    if isinstance(rec, str):
+        rec = StepRecommender.load(rec)
+    r = rec.recommend(prompt, confidence=confidence)
+    return r.steps, {"steps_source": "recommended", "recommend_ms": round(r.milliseconds, 3),
+                     "confidence": confidence, "steps_saved_vs_50": 50 - r.steps}
+
+
+def step_chooser(recommender: Any = None, confidence: float | None = None):
+    """``steps=`` for :func:`stepsaver.generate`: the recommender picks each prompt's step count.
+
+    ``recommender`` as in :func:`resolve_steps` (loaded once, here). The result's summary gains
+    where the count came from (``steps_source``, ``recommend_ms``, ``steps_saved_vs_50``).
+    """
+    rec = StepRecommender.load("tiny") if recommender is None else recommender
+    if isinstance(rec, (str, Path)):
+        rec = StepRecommender.load(rec)
+    return lambda prompt: resolve_steps(prompt, "auto", rec, confidence)
+

@@ -22,11 +22,11 @@ from stepsaver.errors import StepsaverError
 DEFAULT_TAU = 0.99  # on the embedded model 0.98-0.99 spreads labels over 10-40 steps; bench flexi checks it
 
 
-def check_grid(steps: Sequence[int]) -> tuple[int, ...]:
-    """Validate a step grid: at least two positive, strictly increasing integers."""
+def check_grid(steps: Sequence[int], at_least: int = 2) -> tuple[int, ...]:
+    """Validate a step grid: at least ``at_least`` (two for labels) positive, strictly increasing integers."""
     grid = tuple(int(s) for s in steps)
-    if len(grid) < 2:
-        raise StepsaverError(f"a step grid needs at least two step counts, got {list(grid)}")
+    if len(grid) < at_least:
+        raise StepsaverError(f"a step grid needs at least {at_least} step count(s), got {list(grid)}")
     if any(s <= 0 for s in grid):
         raise StepsaverError(f"step counts must be positive, got {list(grid)}")
     if any(b <= a for a, b in zip(grid, grid[1:], strict=False)):

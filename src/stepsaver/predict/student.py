@@ -197,7 +197,7 @@ class Student(nn.Module):
         a complete recommender folder: the teacher's files (copied unless ``out`` is the teacher's
         folder) plus the student.
         """
-        from stepsaver.predict.train import _splits
+        from stepsaver.predict.dataset import splits_of
 
         t_start = time.perf_counter()
         torch.manual_seed(seed)
@@ -205,7 +205,7 @@ class Student(nn.Module):
         teacher_dir = EMBEDDED_RECOMMENDER if str(teacher) == "tiny" else Path(teacher)
         rec = StepRecommender.load(teacher_dir, backend="torch")
         classes = rec.classes
-        splits = _splits(Path(dataset), classes)
+        splits = splits_of(Path(dataset), classes)
         held = {p for name in ("val", "test", "test_balanced") for p in splits[name].prompts}
         generated = captions is None
         if captions is None:
@@ -420,12 +420,12 @@ def _compare(classes: Sequence[int], y: np.ndarray, teacher: np.ndarray, student
     """Teacher and student on labelled rows: the scores ``train-recommender`` reports, and agreement."""
     from scipy.stats import spearmanr
 
-    from stepsaver.predict.train import _scores
+    from stepsaver.predict.dataset import scores
 
     out: dict[str, Any] = {}
     steps = np.asarray(classes, dtype=np.float64)
     for who, probs in (("teacher", teacher), ("student", student)):
-        row = _scores(probs, y, len(classes))
+        row = scores(probs, y, len(classes))
         if len(y) > 2:
             rho, p = spearmanr(probs @ steps, steps[y])
             row["spearman_expected_steps"] = float(rho)

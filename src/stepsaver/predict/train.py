@@ -14,7 +14,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from stepsaver.errors import StepsaverError
-from stepsaver.predict.dataset import load_split
+from stepsaver.predict.dataset import Split, scores, splits_of
 from stepsaver.predict.recommender import (
     CONFIG_FILE,
     MAX_LENGTH,
@@ -38,36 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"lrs": [2e-3], "batch": 16, "eval_batch": 32, "epochs": 5, "trainable_layers": None},
     "default": {"lrs": [1e-4, 3e-4, 1e-3], "batch": 16, "eval_batch": 64, "epochs": 8, "trainable_layers": 2},
 }
-
-
-@dataclass
-class Split:
-    prompts: list[str]
-    y: np.ndarray
-
-
-def _splits(folder: Path, classes: list[int]) -> dict[str, Split]:
-    index = {c: i for i, c in enumerate(classes)}
-    out = {}
-    for name in ("train", "val", "test", "test_balanced"):
-        rows = [r for r in load_split(folder, name) if r["label"] in index]
-        out[name] = Split([r["prompt"] for r in rows], np.array([index[r["label"]] for r in rows], dtype=np.int64))
-    if len(out["train"].prompts) == 0 or len(out["val"].prompts) == 0:
-        raise StepsaverError(f"{folder}: empty train or val split; label more prompts")
-    return out
-
-
-def _scores(probs: np.ndarray, y: np.ndarray, k: int) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, f1_score, log_loss
-
-    if len(y) == 0:
-        return {"n": 0}
-    probs = np.clip(probs, 1e-7, 1)
-    probs = probs / probs.sum(1, keepdims=True)
-    pred = probs.argmax(1)
-    return {"n": int(len(y)), "accuracy": float(accuracy_score(y, pred)),
-            "f1_macro": float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0)),
-            "log_loss": float(log_loss(y, probs, labels=list(range(k))))}
 
 
 def _encode(prompts: Sequence[str], tok, batch: int = 64) -> dict[str, torch.Tensor]:
@@ -151,9 +120,9 @@ def _calibrated(name: str, val_logits: np.ndarray, splits: dict[str, Split], tes
                 k: int, seconds: float) -> dict[str, Any]:
     t = fit_temperature(val_logits, splits["val"].y)
     row = {"model": name, "temperature": t, "train_seconds": round(seconds, 1)}
-    row["val"] = _scores(softmax(val_logits, t), splits["val"].y, k)
+    row["val"] = scores(softmax(val_logits, t), splits["val"].y, k)
     for split, logits in test_logits.items():
-        row[split] = _scores(softmax(logits, t), splits[split].y, k)
+        row[split] = scores(softmax(logits, t), splits[split].y, k)
     return row
 
 
@@ -230,7 +199,7 @@ def int8_check(out: Path, config: RecommenderConfig, splits: dict[str, Split]) -
         config.int8 = int8
         (out / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=1))
         probs[int8] = StepRecommender.load(out).predict_proba(prompts)
-        val_nll[int8] = _scores(probs[int8][len(splits["train"].prompts):], splits["val"].y,
+        val_nll[int8] = scores(probs[int8][len(splits["train"].prompts):], splits["val"].y,
                                 len(config.classes))["log_loss"]
     agreement = float((probs[True].argmax(1) == probs[False].argmax(1)).mean())
     keep = agreement >= INT8_MIN_AGREEMENT and val_nll[True] <= val_nll[False] + INT8_MAX_NLL_INCREASE
@@ -253,7 +222,7 @@ def train_recommender(dataset: str | Path, out: str | Path, preset: str = "defau
     meta = json.loads(meta_path.read_text())
     classes = [int(c) for c in meta["classes"]]
     k = len(classes)
-    splits = _splits(folder, classes)
+    splits = splits_of(folder, classes)
     p = dict(PRESETS[preset])
     if epochs is not None:
         p["epochs"] = epochs
@@ -300,3 +269,23 @@ def train_recommender(dataset: str | Path, out: str | Path, preset: str = "defau
     (out / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=1))
     return {"classes": classes, "rows": rows, "selected": row["model"], "int8": config.int8,
             "onnx_int8_check": check, "confusion": str(plot), "dataset": meta, "out": str(out)}
+
+
+def result_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per model of a :func:`train_recommender` result (what the CLI and reports show)."""
+    return [{"model": r["model"], "val_acc": r["val"].get("accuracy"), "test_acc": r["test"].get("accuracy"),
+             "test_f1": r["test"].get("f1_macro"), "test_bal_acc": r["test_balanced"].get("accuracy"),
+             "test_bal_f1": r["test_balanced"].get("f1_macro"), "val_loss": r["val"].get("log_loss"),
+             "T": r["temperature"], "selected": r.get("selected", False)} for r in result["rows"]]
+
+
+def write_recommender_report(name: str, result: dict[str, Any]) -> None:
+    """docs/results/<name>.{json,md}: the recommender beside its baselines."""
+    from stepsaver.measure.report import write_report
+
+    write_report(name, result_rows(result), title="Step recommender vs baselines",
+                 summary=f"Classes {result['classes']}; selected: {result['selected']}; "
+                         f"ONNX int8: {result['int8']} (argmax agreement with fp32 "
+                         f"{result['onnx_int8_check']['argmax_agreement']:.3f}).",
+                 extra={"detail": result})
+

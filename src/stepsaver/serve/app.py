@@ -35,6 +35,7 @@ from stepsaver.serve.schemas import (
     RecommendResponse,
 )
 from stepsaver.serve.settings import ServeSettings
+from stepsaver.skip.config import AdaptiveSkipConfig
 
 RETRY_AFTER_S = 2
 
@@ -202,7 +203,8 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
         skip = None
         if body.skip is not False:
             opts = body.skip if not isinstance(body.skip, bool) else None
-            skip = (opts.threshold, opts.max_skips) if opts else (0.01, 4)
+            skip = AdaptiveSkipConfig(threshold=opts.threshold, max_skips=opts.max_skips) if opts \
+                else AdaptiveSkipConfig()
         key = BatchKey(steps=steps, scheduler=body.scheduler, guidance=body.guidance, skip=skip)
         try:
             future = engine.submit(body.prompt, body.seed, key)

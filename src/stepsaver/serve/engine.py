@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from stepsaver.skip.config import AdaptiveSkipConfig
 
 
 class QueueFull(Exception):
@@ -33,7 +33,7 @@ class BatchKey:
     steps: int
     scheduler: str = "ddim"
     guidance: float = 5.0
-    skip: tuple[float, int] | None = None  # (threshold, max_skips)
+    skip: AdaptiveSkipConfig | None = None
 
 
 @dataclass
@@ -166,29 +166,22 @@ class GenerationEngine:
                     self._busy -= 1
 
     def _run(self, pipe, batch: list[Job]) -> list[JobResult]:
-        from stepsaver.generate import count_denoiser_calls
+        from stepsaver.generation import generate_images
         from stepsaver.pipelines import make_scheduler
-        from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip, skip_report
+        from stepsaver.skip import disable_adaptive_skip, enable_adaptive_skip
 
         key = batch[0].key
         base = self._base_schedulers.setdefault(id(pipe), pipe.scheduler.config)
         pipe.scheduler = make_scheduler(key.scheduler, base)
         if key.skip is not None:
-            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=key.skip[0], max_skips=key.skip[1]))
+            enable_adaptive_skip(pipe, key.skip)
         started = time.perf_counter()
         try:
-            generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
-            with count_denoiser_calls(pipe) as calls, torch.inference_mode():
-                out = pipe([j.prompt for j in batch], num_inference_steps=key.steps, guidance_scale=key.guidance,
-                           generator=generators)
-            report = skip_report(pipe) if key.skip is not None else None
+            made = generate_images(pipe, [j.prompt for j in batch], steps=key.steps, seeds=[j.seed for j in batch],
+                                   guidance=key.guidance)
         finally:
             if key.skip is not None:
                 disable_adaptive_skip(pipe)
         seconds = time.perf_counter() - started
-        results = []
-        for i, (job, image) in enumerate(zip(batch, out.images, strict=True)):
-            saved = len(report.skipped_steps(i)) if report is not None else 0
-            made = (report.pipeline_calls if report is not None else calls[0]) - saved
-            results.append(JobResult(image, key.steps, made, saved, seconds, started - job.enqueued, len(batch)))
-        return results
+        return [JobResult(r.image, key.steps, r.denoiser_calls, r.extra.get("denoiser_calls_saved", 0), seconds,
+                          started - job.enqueued, len(batch)) for job, r in zip(batch, made, strict=True)]

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from stepsaver.pipelines import SCHEDULERS
+from stepsaver.skip.config import AdaptiveSkipConfig
 
 
 class RecommendRequest(BaseModel):
@@ -28,8 +29,8 @@ class RecommendResponse(BaseModel):
 
 
 class SkipOptions(BaseModel):
-    threshold: float = Field(0.01, ge=0, description="AdaptiveDiffusion delta.")
-    max_skips: int = Field(4, ge=0, le=50, description="Most consecutive skips (C_max).")
+    threshold: float = Field(AdaptiveSkipConfig.threshold, ge=0, description="AdaptiveDiffusion delta.")
+    max_skips: int = Field(AdaptiveSkipConfig.max_skips, ge=0, le=50, description="Most consecutive skips (C_max).")
 
 
 class GenerateRequest(BaseModel):

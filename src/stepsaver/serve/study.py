@@ -69,18 +69,19 @@ def parse_config(spec: str) -> dict[str, Any]:
 
 def _render(cfg: dict[str, Any], prompts_seeds: Sequence[tuple[str, int]], folder: Path, tag: str,
             progress: bool) -> list[tuple[str, dict]]:
-    from stepsaver.generate import generate
+    from stepsaver.generation import generate
     from stepsaver.pipelines import load_pipeline
+    from stepsaver.predict import step_chooser
     from stepsaver.skip import AdaptiveSkipConfig, enable_adaptive_skip
 
     pipe = load_pipeline(cfg["model"], scheduler=cfg["scheduler"])
     if cfg["skip"]:
-        threshold = 0.01 if cfg["skip"] is True else float(cfg["skip"])
-        enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=threshold))
+        config = AdaptiveSkipConfig() if cfg["skip"] is True else AdaptiveSkipConfig(threshold=float(cfg["skip"]))
+        enable_adaptive_skip(pipe, config)
+    steps = step_chooser(confidence=cfg.get("confidence")) if cfg["steps"] == "auto" else cfg["steps"]
     out = []
     for i, (prompt, seed) in enumerate(prompts_seeds):
-        r = generate(pipe, prompt, steps=cfg["steps"], seed=seed, guidance=cfg["guidance"],
-                     confidence=cfg.get("confidence"))
+        r = generate(pipe, prompt, steps=steps, seed=seed, guidance=cfg["guidance"])
         name = f"{i:04d}-{tag}.png"
         r.images[0].save(folder / name)
         out.append((name, r.summary()))

@@ -45,10 +45,11 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean().item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
+def batch_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of a batch of images in [-1, 1] (Measure's PSNR of the pooled MSE)."""
+    from stepsaver.measure.quality import psnr
+
+    return float(psnr((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2, per_image=False))
 
 
 def warmup_cosine(steps: int, warmup: int = 50) -> Callable[[int], float]:
@@ -100,7 +101,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, resume: bool = True) -> dict:
             seen += 1
             if step % 10 == 0:
                 bar.update(task, completed=step, info=f"loss/px {recon.item() / x[0].numel():.4f} "
-                           f"psnr {psnr(rec.detach(), x):.1f}dB {seen / (time.time() - t0):.2f} it/s")
+                           f"psnr {batch_psnr(rec.detach(), x):.1f}dB {seen / (time.time() - t0):.2f} it/s")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt, accelerator.unwrap_model(vae), opt, sched, step)
     vae = accelerator.unwrap_model(vae).eval()
@@ -119,7 +120,7 @@ def evaluate_autoencoder(vae: AutoencoderKL, cfg: AutoencoderTrainConfig, device
     for images, _ in gen.iter_batches(0, cfg.eval_images, batch=64):
         x = images_to_tensor(images).to(device)
         post = vae.encode(x).latent_dist
-        psnrs.append(psnr(vae.decode(post.mode()).sample, x))
+        psnrs.append(batch_psnr(vae.decode(post.mode()).sample, x))
         latents.append(post.sample())
     z = torch.cat(latents)
     std = z.std().item()

@@ -30,7 +30,7 @@ from rich.progress import Progress
 from stepsaver.errors import StepsaverError
 from stepsaver.measure.lpips import LPIPS
 from stepsaver.scenes import SceneGenerator
-from stepsaver.shrink.autoencoder import images_to_tensor, progress_columns, psnr, warmup_cosine
+from stepsaver.shrink.autoencoder import batch_psnr, images_to_tensor, progress_columns, warmup_cosine
 from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["DecoderTuneConfig", "tune_decoder"]
@@ -73,7 +73,7 @@ def evaluate_decoder(vae: AutoencoderKL, lpips: LPIPS, n: int, font: str | None,
     for images, _ in gen.iter_batches(0, n, batch=64):
         x = images_to_tensor(images).to(device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        psnrs.append(psnr(rec, x))
+        psnrs.append(batch_psnr(rec, x))
         dists.append(lpips(rec, x).mean().item())
     return {"psnr_db": float(np.mean(psnrs)), "lpips_alex": float(np.mean(dists))}
 
@@ -130,7 +130,7 @@ def tune_decoder(cfg: DecoderTuneConfig, resume: bool = True) -> dict:
             done += 1
             if step % 10 == 0:
                 bar.update(task, completed=step, info=f"pixel {pixel.item():.4f} lpips {perceptual.item():.4f} "
-                           f"psnr {psnr(rec.detach(), x):.1f}dB {done / (time.time() - t0):.2f} it/s")
+                           f"psnr {batch_psnr(rec.detach(), x):.1f}dB {done / (time.time() - t0):.2f} it/s")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt, model, opt, sched, step)
     model.eval()

@@ -37,18 +37,36 @@ def save_grid(path: str | Path, images: np.ndarray, prompts: Sequence[str], real
 def render_eval_grid(pipe, png: str | Path, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0,
                      font: str | None = None, guidance_rescale: float = 0.0) -> Path:
     """Generate the first ``n`` held-out (eval split) scene prompts, each beside its real scene."""
-    import torch
-
+    from stepsaver.generation import generate_images
     from stepsaver.scenes import SceneGenerator
 
     gen = SceneGenerator(seed=seed, split="eval", font=font)
     scenes = [gen.sample(i) for i in range(n)]
     prompts = [s.caption for s in scenes]
-    kwargs = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                  generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+    results = generate_images(pipe, prompts, steps=steps, seeds=seed, guidance=guidance,
+                              guidance_rescale=guidance_rescale, output_type="np")
+    images = np.stack([r.image for r in results])
     real = np.stack([gen.render(s) for s in scenes])
     return save_grid(png, (images * 255).round().astype(np.uint8), prompts, real=real)
+
+
+def write_scene_preview(out: str | Path, n: int, seed: int = 0, split: str = "train", font: str | None = None,
+                        progress: bool = True) -> dict:
+    """Render ``n`` captioned scenes into ``out`` (``images.npy``, ``scenes.jsonl``) plus a 16-scene grid."""
+    from stepsaver.errors import StepsaverError
+    from stepsaver.scenes import load_scene_set, write_scene_set
+
+    if n <= 0:
+        raise StepsaverError(f"--n must be positive, got {n}")
+    if split not in ("train", "eval"):
+        raise StepsaverError(f"--split must be 'train' or 'eval', got {split!r}")
+    out = Path(out)
+    write_scene_set(out, n, seed=seed, split=split, font=font, progress=progress)
+    images, scenes = load_scene_set(out)
+    k = min(16, n)
+    grid = save_grid(out / "grid.png", np.asarray(images[:k]), [s.caption for s in scenes[:k]])
+    return {"scenes": n, "split": split, "seed": seed, "folder": str(out), "grid": str(grid),
+            "first_caption": scenes[0].caption}
 
 
 def plot_loss(history: Sequence[dict], png: str | Path, title: str = "training loss") -> Path:

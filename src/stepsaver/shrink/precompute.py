@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stepsaver.text import MAX_TOKENS, TEXT_DIM, encode_captions
+from stepsaver.text import TEXT_DIM, encode_captions
 
 
 def _resumable_fill(path: Path, shape: tuple[int, ...], chunk: int, fill: Callable[[int, int], np.ndarray],
@@ -46,13 +46,17 @@ def _resumable_fill(path: Path, shape: tuple[int, ...], chunk: int, fill: Callab
 
 def precompute_text(cache: Path, captions: Sequence[str], encoder, tokenizer, device="cpu",
                     progress: bool = True) -> np.ndarray:
-    """Caption embeddings ``[N, MAX_TOKENS, 384]`` (float16), plus the empty prompt's in ``uncond.npy``."""
+    """Caption embeddings ``[N, T, 384]`` (float16), plus the empty prompt's in ``uncond.npy``.
+
+    ``T`` is the tokenizer's ``model_max_length``: the UNet's ``MAX_TOKENS``, or the longer
+    length tiny-flux pads to; the embeddings are what the pipeline's own encoder would produce.
+    """
     cache.mkdir(parents=True, exist_ok=True)
     encoder = encoder.to(device)
     uncond = encode_captions([""], encoder, tokenizer, device)[0].float().cpu().numpy()
     np.save(cache / "uncond.npy", uncond.astype(np.float16))
     return _resumable_fill(
-        cache / "text.npy", (len(captions), MAX_TOKENS, TEXT_DIM), 256,
+        cache / "text.npy", (len(captions), tokenizer.model_max_length, TEXT_DIM), 256,
         lambda a, b: encode_captions(captions[a:b], encoder, tokenizer, device).float().cpu().numpy(),
         "text embeddings", progress)
 

@@ -15,8 +15,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from stepsaver.errors import StepsaverError
 from stepsaver.shrink.architecture import unet_config
 from stepsaver.shrink.recipe import RECIPES, ema_start_step, min_snr_weights, noise_scheduler_config, recipe_spec, snr
+from stepsaver.text import MAX_TOKENS
 
 
 @dataclass
@@ -92,8 +95,26 @@ def init_unet_folder(path: str | Path, recipe: str) -> Path:
     return folder
 
 
-def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
-    """Render the scenes and precompute text embeddings and VAE moments (each cached, resumable)."""
+class DataConfig(Protocol):
+    """What :func:`prepare_data` reads from a run's config (the UNet's and tiny-flux's alike)."""
+
+    cache: str
+    scenes: int
+    vae: str
+    font: str | None
+
+    @property
+    def data_seed(self) -> int: ...
+
+
+def prepare_data(cfg: DataConfig, device: torch.device, progress: bool = True,
+                 max_tokens: int = MAX_TOKENS) -> dict:
+    """Render the scenes and precompute text embeddings and VAE moments (each cached, resumable).
+
+    Embeddings padded to another length than the UNet's ``MAX_TOKENS`` (tiny-flux pads longer so
+    no caption is cut) live in their own ``text-<max_tokens>`` folder beside the UNet's, so the
+    two models share the scenes and moments but never each other's text cache.
+    """
     from diffusers import AutoencoderKL
 
     from stepsaver.scenes import load_scene_set, write_scene_set
@@ -103,11 +124,12 @@ def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
     data = Path(cfg.cache) / f"scenes-s{cfg.data_seed}-n{cfg.scenes}"
     write_scene_set(data, cfg.scenes, seed=cfg.data_seed, split="train", font=cfg.font, progress=progress)
     images, scenes = load_scene_set(data)
-    if not (data / "text.done").exists() or int((data / "text.done").read_text()) < len(scenes):
-        encoder, tokenizer = load_text_encoder()
-        precompute_text(data, [s.caption for s in scenes], encoder, tokenizer, device, progress)
-    text = np.load(data / "text.npy", mmap_mode="r")
-    uncond = np.load(data / "uncond.npy")
+    tdir = data if max_tokens == MAX_TOKENS else data / f"text-{max_tokens}"
+    if not (tdir / "text.done").exists() or int((tdir / "text.done").read_text()) < len(scenes):
+        encoder, tokenizer = load_text_encoder(max_tokens=max_tokens)
+        precompute_text(tdir, [s.caption for s in scenes], encoder, tokenizer, device, progress)
+    text = np.load(tdir / "text.npy", mmap_mode="r")
+    uncond = np.load(tdir / "uncond.npy")
     vae = AutoencoderKL.from_pretrained(cfg.vae)
     mdir = data / f"moments-{folder_digest(Path(cfg.vae))}"
     moments = precompute_moments(mdir, images, vae, device, progress)
@@ -115,7 +137,12 @@ def prepare_data(cfg: TrainConfig, device: torch.device, progress: bool = True):
             "scaling_factor": float(vae.config.scaling_factor)}
 
 
-def _lr_lambda(cfg: TrainConfig):
+class ScheduleConfig(Protocol):
+    steps: int
+    warmup: int
+
+
+def _lr_lambda(cfg: ScheduleConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, cfg.warmup))
         progress = min(1.0, step / cfg.steps)

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from stepsaver.skip.config import MIN_WARMUP, AdaptiveSkipConfig
+
 __all__ = [
     "MIN_WARMUP",
     "consecutive_skips",
@@ -45,7 +47,7 @@ __all__ = [
     "skip_path",
 ]
 
-MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
+DEFAULT = AdaptiveSkipConfig()
 
 
 def latent_difference(current: torch.Tensor, previous: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
@@ -84,7 +86,8 @@ def _check(diffs: Sequence[Any], path: Sequence[Any], threshold: float, max_skip
                          f"got {threshold}, {max_skips}, {warmup}")
 
 
-def next_step_skipped(diffs: Sequence[float], path: Sequence[bool], threshold: float = 0.01, max_skips: int = 4,
+def next_step_skipped(diffs: Sequence[float], path: Sequence[bool], threshold: float = DEFAULT.threshold,
+                      max_skips: int = DEFAULT.max_skips,
                       warmup: int = MIN_WARMUP) -> bool:
     """Whether step ``j + 1`` reuses the cached denoiser output (one trajectory).
 
@@ -97,8 +100,8 @@ def next_step_skipped(diffs: Sequence[float], path: Sequence[bool], threshold: f
     return bool(is_flat(diffs[-3], diffs[-2], diffs[-1], threshold))
 
 
-def next_step_skipped_batched(diffs: torch.Tensor, path: torch.Tensor, threshold: float = 0.01,
-                              max_skips: int = 4, warmup: int = MIN_WARMUP) -> torch.Tensor:
+def next_step_skipped_batched(diffs: torch.Tensor, path: torch.Tensor, threshold: float = DEFAULT.threshold,
+                              max_skips: int = DEFAULT.max_skips, warmup: int = MIN_WARMUP) -> torch.Tensor:
     """Per-sample version: ``diffs`` is ``[j, B]``, ``path`` is a ``[j + 1, B]`` bool tensor.
 
     Returns a ``[B]`` bool tensor, element ``i`` equal to :func:`next_step_skipped` on column ``i``
@@ -115,8 +118,8 @@ def next_step_skipped_batched(diffs: torch.Tensor, path: torch.Tensor, threshold
     return flat & (run < max_skips)
 
 
-def official_next_step_skipped(diffs: Sequence[Any], path: Sequence[bool], threshold: float = 0.01,
-                               max_skips: int = 4) -> bool:
+def official_next_step_skipped(diffs: Sequence[Any], path: Sequence[bool], threshold: float = DEFAULT.threshold,
+                               max_skips: int = DEFAULT.max_skips) -> bool:
     """The official code's decision (``estimate_skipping``), restated over ``diffs`` and ``path``.
 
     What it reproduces, from the official pipelines' loop (and the issue text):
@@ -142,7 +145,8 @@ def official_next_step_skipped(diffs: Sequence[Any], path: Sequence[bool], thres
     return bool(is_flat(diffs[-3], diffs[-2], diffs[-1], threshold))
 
 
-def skip_path(diffs: Sequence[float], num_steps: int, threshold: float = 0.01, max_skips: int = 4,
+def skip_path(diffs: Sequence[float], num_steps: int, threshold: float = DEFAULT.threshold,
+              max_skips: int = DEFAULT.max_skips,
               warmup: int = MIN_WARMUP, compat: bool = False) -> list[bool]:
     """Replay the decisions of a run: the skip flags of steps ``0 .. num_steps-1`` given its ``D_1, D_2, ...``.
 

@@ -22,8 +22,9 @@ How it is wired (decisions worth knowing):
   ``step`` calls): a *scheduler step* ends when the scheduler is back in first order. ``L_j`` is
   the latent after the completed step (the half-step latent is not used), one decision covers
   both denoiser calls of the next step, and a skipped call returns the most recently computed
-  output (the second call of the previous step, evaluated at the same sigma as the next step's
-  first call). The sampler's last step is first-order only and leaves it in second order; it is
+  output (the second call of the previous step; for Heun that call is at the sigma where the next
+  step starts, for DPM2 at the interpolated sigma between the two, so the reuse is an
+  approximation there). The sampler's last step is first-order only and leaves it in second order; it is
   still recorded. Compat mode decides per ``step`` call instead, like the official loop.
 * **Per-sample paths.** The denoiser batch is ``k`` stacked copies of the ``B`` latents
   (``k = 2`` with CFG: ``[uncond; cond]``), so sample ``i`` owns rows ``i, i + B, ...``. When some
@@ -32,6 +33,15 @@ How it is wired (decisions worth knowing):
   PixArt's per-row timesteps) is sliced to the computing rows, the network runs on those, and
   the cached rows are spliced back. A batch of N prompts then follows the same paths as N
   separate calls (equal to float tolerance).
+* **The decision is a policy.** :class:`SkipPolicy` decides after each completed step which
+  samples reuse the cache at the next one, and runs each full network call (``run``). The
+  AdaptiveDiffusion criterion (:class:`CriterionPolicy`, built from the config) is the default;
+  the oracle passes a policy of given skips that replays recorded outputs, instead of
+  subclassing the hook.
+* **Calls are reported as they ran.** Every denoiser call is logged per sample (computed or
+  answered from the cache), and the report is published to the core
+  (:func:`stepsaver.calls.publish_call_report`), which is how ``generate`` learns each image's
+  calls without importing Skip.
 * **One call per step.** A pipeline that calls the denoiser twice between two ``scheduler.step``
   calls (separate cond/uncond passes) is not supported and raises :class:`StepsaverError`.
 """
@@ -40,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,73 +59,21 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
+from stepsaver.calls import denoiser_of, publish_call_report
 from stepsaver.errors import StepsaverError
-from stepsaver.generate import denoiser_of
+from stepsaver.skip.config import AdaptiveSkipConfig
 from stepsaver.skip.criterion import (
-    MIN_WARMUP,
     latent_difference,
     next_step_skipped,
     next_step_skipped_batched,
     official_next_step_skipped,
 )
 
-__all__ = ["HOOK_NAME", "AdaptiveSkipConfig", "AdaptiveSkipHook", "SkipReport", "disable_adaptive_skip",
-           "enable_adaptive_skip", "skip_report"]
+__all__ = ["HOOK_NAME", "AdaptiveSkipConfig", "AdaptiveSkipHook", "CriterionPolicy", "SkipPolicy", "SkipReport",
+           "disable_adaptive_skip", "enable_adaptive_skip", "skip_report", "split_output"]
 
 HOOK_NAME = "stepsaver_adaptive_skip"
 _MARK = "_stepsaver_adaptive_skip"
-
-
-@dataclass
-class AdaptiveSkipConfig:
-    """Settings of AdaptiveDiffusion skipping.
-
-    Args:
-        threshold: delta of the criterion ``|(D_j + D_{j-2})/2 - D_{j-1}| <= delta * D_{j-1}``.
-            0.01 is the paper's value for SD-1.5/SDXL (0.004 for LDM). Larger skips more. ``0``
-            never skips (output bit-identical to the plain pipeline).
-        max_skips: C_max, the most consecutive steps that may reuse the cache (4 for SD-1.5/SDXL,
-            6 for LDM). ``0`` never skips.
-        warmup: steps ``0 .. warmup-1`` always run the denoiser; at least 4 (the criterion needs
-            D_1..D_3, known after step 3).
-        per_sample: one skip path per sample of the batch (ours); ``False`` shares one path, decided
-            on the whole batch's latent difference, with C_max enforced from the first decision.
-        compat: reproduce the official implementation's decisions exactly: one path per batch,
-            C_max enforced only from the sixth decision, decisions per ``scheduler.step`` call
-            (also the half steps of Heun/DPM2), differences in the latents' dtype, ties skip even
-            at ``threshold=0``. Implies a shared path (``per_sample`` is then ignored); needs
-            ``warmup=4``. State still resets every call (the official code does not).
-    """
-
-    threshold: float = 0.01
-    max_skips: int = 4
-    warmup: int = MIN_WARMUP
-    per_sample: bool = True
-    compat: bool = False
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`StepsaverError` (one line) on a setting that cannot work."""
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise StepsaverError(f"skip threshold must be a finite number >= 0 (e.g. 0.01), got {t!r}")
-        for name, low in (("max_skips", 0), ("warmup", MIN_WARMUP)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise StepsaverError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("per_sample", "compat"):
-            if not isinstance(getattr(self, name), bool):
-                raise StepsaverError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.compat and self.warmup != MIN_WARMUP:
-            raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
-                                 f"got warmup={self.warmup}")
-
-    @property
-    def mode(self) -> str:
-        """``"compat"``, ``"per_sample"`` or ``"shared"``."""
-        return "compat" if self.compat else ("per_sample" if self.per_sample else "shared")
 
 
 @dataclass
@@ -141,6 +98,8 @@ class SkipReport:
     denoiser_calls: int = 0
     rows_requested: int = 0
     rows_computed: int = 0
+    sample_calls: list[int] = field(default_factory=list)  # per sample: calls whose rows were computed
+    sample_saved: list[int] = field(default_factory=list)  # per sample: calls answered from the cache
 
     @property
     def steps(self) -> int:
@@ -156,6 +115,14 @@ class SkipReport:
 
     def skipped_steps(self, sample: int = 0) -> list[int]:
         return [s for s, row in enumerate(self.computed) if not row[sample]]
+
+    def calls_of(self, sample: int = 0) -> int:
+        """Denoiser calls that ran for ``sample`` (part of :class:`stepsaver.calls.CallReport`)."""
+        return self.sample_calls[sample] if self.sample_calls else self.denoiser_calls
+
+    def saved_of(self, sample: int = 0) -> int:
+        """Calls of the pipeline that ``sample`` got from the cache."""
+        return self.sample_saved[sample] if self.sample_saved else self.calls_saved
 
     def summary(self) -> dict[str, Any]:
         return {"mode": self.mode, "threshold": self.threshold, "max_skips": self.max_skips, "steps": self.steps,
@@ -185,13 +152,14 @@ class _SkipState(BaseState):
         self.rebuild: Callable[[torch.Tensor], Any] | None = None
         self.prev_latent: torch.Tensor | None = None
         self.pipeline_calls = self.denoiser_calls = self.rows_requested = self.rows_computed = 0
+        self.call_log: list[list[bool] | bool] = []  # per pipeline call: rows computed, per sample or for all
 
     def release(self) -> None:
         self.cache = self.rebuild = self.prev_latent = None
         self.active = False
 
 
-def _split_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+def split_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """The denoiser's main output tensor and a function that rebuilds the output around another one."""
     if isinstance(out, torch.Tensor):
         return out, lambda t: t
@@ -231,14 +199,53 @@ def _prev_sample(out: Any) -> torch.Tensor | None:
     return sample if isinstance(sample, torch.Tensor) else None
 
 
+class SkipPolicy:
+    """What the hook asks at each step: which samples reuse the cache next, and how to run a call.
+
+    ``decide`` sees the history after a completed scheduler step: ``diffs`` (``D_1..D_j``, per
+    sample lists, floats, or 0-dim tensors in compat mode), ``path`` (the decisions so far; ``None``
+    = computed) and ``batch`` (the latents' batch). It returns one flag for the whole batch or a
+    list with one flag per sample (``True`` = reuse). ``run(step, forward)`` makes one full network
+    call of step ``step``; the default just calls ``forward()``.
+    """
+
+    per_sample: bool = False
+
+    def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool | list[bool]:
+        raise NotImplementedError
+
+    def run(self, step: int, forward: Callable[[], Any]) -> Any:
+        return forward()
+
+
+class CriterionPolicy(SkipPolicy):
+    """AdaptiveDiffusion's third-order criterion with the settings of an :class:`AdaptiveSkipConfig`."""
+
+    def __init__(self, config: AdaptiveSkipConfig) -> None:
+        self.config = config
+        self.per_sample = config.per_sample and not config.compat
+
+    def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool | list[bool]:
+        cfg = self.config
+        if cfg.compat:
+            return official_next_step_skipped(diffs, [bool(p) for p in path], cfg.threshold, cfg.max_skips)
+        if not cfg.per_sample:
+            return next_step_skipped(diffs, [bool(p) for p in path], cfg.threshold, cfg.max_skips, cfg.warmup)
+        d = torch.tensor(diffs, dtype=torch.float64).reshape(len(diffs), batch)
+        p = torch.tensor([row if row is not None else [False] * batch for row in path],
+                         dtype=torch.bool).reshape(len(path), batch)
+        return next_step_skipped_batched(d, p, cfg.threshold, cfg.max_skips, cfg.warmup).tolist()
+
+
 class AdaptiveSkipHook(ModelHook):
     """Runs the denoiser or returns its cached output, per the AdaptiveDiffusion criterion."""
 
     _is_stateful = True
 
-    def __init__(self, config: AdaptiveSkipConfig, pipe: Any) -> None:
+    def __init__(self, config: AdaptiveSkipConfig, pipe: Any, policy: SkipPolicy | None = None) -> None:
         super().__init__()
         self.config = config
+        self.policy = CriterionPolicy(config) if policy is None else policy
         self.state = _SkipState()
         self._pipe = weakref.ref(pipe)
         self._scheduler: Any = None
@@ -323,24 +330,8 @@ class AdaptiveSkipHook(ModelHook):
                 d = latent_difference(latent, state.prev_latent, per_sample=self.config.per_sample)
                 state.diffs.append(d.tolist())
         state.prev_latent = latent.detach().clone()
-        state.path.append(self._decide(state))
+        state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1))
         self._publish()
-
-    def _decide(self, state: _SkipState) -> Any:
-        cfg = self.config
-        if cfg.compat:
-            return official_next_step_skipped(state.diffs, self._flat_path(state), cfg.threshold, cfg.max_skips)
-        if not cfg.per_sample:
-            return next_step_skipped(state.diffs, self._flat_path(state), cfg.threshold, cfg.max_skips, cfg.warmup)
-        batch = state.batch or 1
-        diffs = torch.tensor(state.diffs, dtype=torch.float64).reshape(len(state.diffs), batch)
-        path = torch.tensor([row if row is not None else [False] * batch for row in state.path],
-                            dtype=torch.bool).reshape(len(state.path), batch)
-        return next_step_skipped_batched(diffs, path, cfg.threshold, cfg.max_skips, cfg.warmup).tolist()
-
-    @staticmethod
-    def _flat_path(state: _SkipState) -> list[bool]:
-        return [bool(p) for p in state.path]
 
     # -- the denoiser call -----------------------------------------------------------------------
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -364,14 +355,17 @@ class AdaptiveSkipHook(ModelHook):
         else:
             skip = [bool(decision)] * (state.batch or 1)
         if state.cache is None or state.cache.shape[0] != rows or not any(skip):
+            state.call_log.append(True)
             return self._compute(state, rows, args, kwargs)
         if all(skip):
+            state.call_log.append(False)
             return state.rebuild(state.cache.clone())
+        state.call_log.append([not s for s in skip])
         return self._compute_rows(state, rows, skip, args, kwargs)
 
     def _compute(self, state: _SkipState, rows: int, args: tuple, kwargs: dict) -> Any:
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        main, state.rebuild = _split_output(out)
+        out = self.policy.run(state.started - 1, lambda: self.fn_ref.original_forward(*args, **kwargs))
+        main, state.rebuild = split_output(out)
         state.cache = main.detach().clone()
         state.denoiser_calls += 1
         state.rows_computed += rows
@@ -386,7 +380,7 @@ class AdaptiveSkipHook(ModelHook):
         index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep],
                              device=state.cache.device)
         out = self.fn_ref.original_forward(*_rows_of(args, rows, index), **_rows_of(kwargs, rows, index))
-        main, _ = _split_output(out)
+        main, _ = split_output(out)
         full = state.cache.clone()
         full[index] = main.to(full.dtype)
         state.cache = full
@@ -412,15 +406,19 @@ class AdaptiveSkipHook(ModelHook):
             else:
                 computed.append([not decision] * batch)
         diffs = [[float(d)] if not isinstance(d, list) else list(d) for d in state.diffs]
+        ran = [[entry if isinstance(entry, bool) else entry[i] for entry in state.call_log] for i in range(batch)]
         return SkipReport(mode=cfg.mode, threshold=cfg.threshold, max_skips=cfg.max_skips, warmup=cfg.warmup,
                           batch_size=batch, computed=computed, diffs=diffs, pipeline_calls=state.pipeline_calls,
                           denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
-                          rows_computed=state.rows_computed)
+                          rows_computed=state.rows_computed, sample_calls=[sum(r) for r in ran],
+                          sample_saved=[len(r) - sum(r) for r in ran])
 
     def _publish(self) -> None:
         pipe = self._pipe()
         if pipe is not None:
-            pipe.adaptive_skip_report = self.report()
+            report = self.report()
+            pipe.adaptive_skip_report = report
+            publish_call_report(pipe, report)
 
 
 _MISSING = object()
@@ -454,7 +452,7 @@ def enable_adaptive_skip(pipe: Any, config: AdaptiveSkipConfig | None = None) ->
     if _hook_of(pipe) is not None:
         raise StepsaverError("adaptive skip is already enabled on this pipeline; call disable_adaptive_skip(pipe) "
                              "first to change its settings")
-    hook = AdaptiveSkipHook(dataclasses.replace(config), pipe)
+    hook = AdaptiveSkipHook(config, pipe)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     try:
         registry.register_hook(hook, HOOK_NAME)

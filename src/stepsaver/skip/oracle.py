@@ -21,9 +21,9 @@ again: the hook hands back the outputs recorded from the accepted run. This is e
 tensors the network produced for the same inputs; the scheduler, guidance and VAE still run)
 and halves the network work (about ``steps^2 / 2`` calls instead of ``steps^2``).
 
-**Attach, don't fork.** The forced path runs through :class:`ForcedSkipHook`, a subclass of the
-Skip hook whose decision is a given set of steps instead of the criterion; it is registered
-like the Skip hook and removed by :func:`~stepsaver.skip.hook.disable_adaptive_skip`.
+**Attach, don't fork.** The forced path runs through the Skip hook itself with a
+:class:`ForcedSkipPolicy` (a given set of steps instead of the criterion, and a replayed prefix);
+it is registered like the Skip hook and removed by :func:`~stepsaver.skip.hook.disable_adaptive_skip`.
 
 Agreement between oracle and estimator paths is measured by pure functions over lists of flags:
 :func:`path_agreement`, :func:`position_agreement`, :func:`skip_position_chi2`.
@@ -41,28 +41,29 @@ from typing import Any
 
 import torch
 
+from stepsaver.calls import denoiser_of
 from stepsaver.errors import StepsaverError
-from stepsaver.generate import denoiser_of
-from stepsaver.skip.criterion import MIN_WARMUP, consecutive_skips
+from stepsaver.skip.config import MIN_WARMUP, AdaptiveSkipConfig
+from stepsaver.skip.criterion import consecutive_skips
 from stepsaver.skip.hook import (
     HOOK_NAME,
-    AdaptiveSkipConfig,
     AdaptiveSkipHook,
-    _SkipState,
+    SkipPolicy,
     disable_adaptive_skip,
     enable_adaptive_skip,
     skip_report,
+    split_output,
 )
 
-__all__ = ["ForcedSkipHook", "OracleResult", "forced_skips", "greedy_oracle", "path_agreement",
+__all__ = ["ForcedSkipPolicy", "OracleResult", "forced_skips", "greedy_oracle", "path_agreement",
            "position_agreement", "relative_l2", "run_skip_path", "skip_position_chi2"]
 
 # (step, raw denoiser output, function rebuilding the denoiser's output object around it)
 _Record = tuple[int, torch.Tensor, Callable[[torch.Tensor], Any]]
 
 
-class ForcedSkipHook(AdaptiveSkipHook):
-    """The Skip hook with a given skip set instead of the criterion, and an optional replayed prefix.
+class ForcedSkipPolicy(SkipPolicy):
+    """A skip policy of given steps instead of the criterion, with an optional replayed prefix.
 
     ``plan(skips, replay, replay_before)`` sets up the next pipeline call: steps in ``skips`` reuse
     the previous denoiser output; denoiser runs of steps ``< replay_before`` are answered, in order,
@@ -71,8 +72,9 @@ class ForcedSkipHook(AdaptiveSkipHook):
     ``network_runs`` counts the real forward passes.
     """
 
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(AdaptiveSkipConfig(threshold=0.0, per_sample=False), pipe)
+    per_sample = False
+
+    def __init__(self) -> None:
         self.skips: frozenset[int] = frozenset()
         self.replay: list[_Record] = []
         self.replay_before = 0
@@ -87,27 +89,28 @@ class ForcedSkipHook(AdaptiveSkipHook):
         self.replay, self.replay_before = list(replay), replay_before
         self.record, self.network_runs = [], 0
 
-    def _decide(self, state: _SkipState) -> bool:
-        return len(state.path) in self.skips  # state.path holds steps 0..j: this decides step j + 1
+    def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool:
+        return len(path) in self.skips  # path holds steps 0..j: this decides step j + 1
 
-    def _compute(self, state: _SkipState, rows: int, args: tuple, kwargs: dict) -> Any:
-        step, n = state.started - 1, len(self.record)
+    def run(self, step: int, forward: Callable[[], Any]) -> Any:
+        n = len(self.record)
         if step < self.replay_before and n < len(self.replay) and self.replay[n][0] == step:
-            entry = self.replay[n]
-            state.cache, state.rebuild = entry[1], entry[2]  # cached tensors are never edited in place
-            state.denoiser_calls += 1
-            state.rows_computed += rows
+            entry = self.replay[n]  # recorded tensors are never edited in place
             self.record.append(entry)
             return entry[2](entry[1].clone())
-        out = super()._compute(state, rows, args, kwargs)
+        out = forward()
+        main, rebuild = split_output(out)
         self.network_runs += 1
-        self.record.append((step, state.cache, state.rebuild))
+        self.record.append((step, main.detach().clone(), rebuild))
         return out
 
 
 @contextlib.contextmanager
-def forced_skips(pipe: Any) -> Iterator[ForcedSkipHook]:
-    """Attach a :class:`ForcedSkipHook` to ``pipe`` for the ``with`` block; removed afterwards."""
+def forced_skips(pipe: Any) -> Iterator[ForcedSkipPolicy]:
+    """Attach the Skip hook with a :class:`ForcedSkipPolicy` to ``pipe`` for the ``with`` block.
+
+    Yields the policy (``plan`` it before each call); the hook is removed afterwards.
+    """
     denoiser = denoiser_of(pipe, "run the skip oracle on")
     registry = getattr(denoiser, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(HOOK_NAME) is not None:
@@ -118,12 +121,13 @@ def forced_skips(pipe: Any) -> Iterator[ForcedSkipHook]:
         raise StepsaverError(f"{type(pipe).__name__} has no diffusers scheduler (step/set_timesteps) to follow")
     from diffusers.hooks import HookRegistry
 
-    hook = ForcedSkipHook(pipe)
+    policy = ForcedSkipPolicy()
+    hook = AdaptiveSkipHook(AdaptiveSkipConfig(threshold=0.0, per_sample=False), pipe, policy=policy)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(hook, HOOK_NAME)
     try:
         hook.bind_scheduler(scheduler)
-        yield hook
+        yield policy
     finally:
         disable_adaptive_skip(pipe)
         pipe.__dict__.pop("adaptive_skip_report", None)

@@ -34,7 +34,7 @@ def bench_time(pipe, steps: Sequence[int] = tuple(range(10, 101, 10)), repeats: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stepsaver.generate import generate
+    from stepsaver.generation import generate
     from stepsaver.measure.report import write_report
 
     generate(pipe, prompt, steps=min(steps))  # warm-up: first call pays allocation and lazy init

@@ -31,7 +31,7 @@ TARGET_TIME_RATIO = 1.3
 
 
 def _step_times(pipe, grid: Sequence[int], prompt: str, repeats: int, guidance: float) -> dict[int, float]:
-    from stepsaver.generate import generate
+    from stepsaver.generation import generate
     from stepsaver.measure.cost import time_call
 
     out = {}

@@ -37,11 +37,11 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
                  n_boot: int = 100, out_dir: str | Path = "docs/results", name: str = "models",
                  progress: bool = True) -> dict[str, Any]:
     """Generate, score and report every pipeline of ``{label: folder}`` (first = baseline)."""
+    from stepsaver.bench.heldout import heldout_set, render_set
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
     from stepsaver.pipelines import load_pipeline
-    from stepsaver.shrink.bench_recipe import _generate_set, heldout_set
     from stepsaver.shrink.grid import save_grid
 
     if len(pipelines) < 2:
@@ -54,7 +54,7 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     for label, folder in pipelines.items():
         pipe = load_pipeline(folder, scheduler="ddim", device="auto")
         for steps in grid:
-            images = _generate_set(pipe, prompts, steps, batch, seed, guidance)
+            images = render_set(pipe, prompts, steps, batch, seed, guidance)
             feats[(label, steps)] = features(images)
             facts = scorer.score(images, scenes).summary()
             sizes = presence_by_size(scorer.predict(images), scenes)
@@ -109,3 +109,15 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
                                                                           "bootstrap_chain": chain})
     return {"rows": rows, "bootstrap": ci, "bootstrap_chain": chain, "summary": summary, "grid": str(grid_png),
             **{k: str(v) for k, v in paths.items()}}
+
+
+def parse_pipelines(items: Sequence[str]) -> dict[str, str]:
+    """``["v1=runs/a", "v2=runs/b"]`` -> ``{"v1": "runs/a", "v2": "runs/b"}`` (the first is the baseline)."""
+    pipes = {}
+    for item in items:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise StepsaverError(f"--pipeline {item!r}: write LABEL=FOLDER, e.g. --pipeline v1=runs/deci/pipeline")
+        pipes[label] = folder
+    return pipes
+

@@ -17,42 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from stepsaver.bench.heldout import heldout_set, render_set
 from stepsaver.errors import StepsaverError
 from stepsaver.shrink.train import TrainConfig, train_model
 
 STEP_GRID = (10, 20, 30, 40, 50)
 TARGET_FEWER = 0.40
-
-
-def _generate_set(pipe, prompts: Sequence[str], steps: int, batch: int, seed: int, guidance: float) -> np.ndarray:
-    from diffusers.utils.torch_utils import randn_tensor
-
-    pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size
-    noise = randn_tensor((1, pipe.unet.config.in_channels, size, size),
-                         generator=torch.Generator("cpu").manual_seed(seed), dtype=pipe.unet.dtype)
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = list(prompts[i:i + batch])
-        with torch.inference_mode():
-            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                          latents=noise.expand(len(chunk), -1, -1, -1).clone()).images
-        out.append((np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
-
-
-def heldout_set(n: int, scene_seed: int) -> tuple[list, list[str], np.ndarray, Any]:
-    """The first ``n`` eval-split scenes: scenes, captions, real renders and their (cached) FID features."""
-    from stepsaver.measure.fid import features
-    from stepsaver.scenes import SceneGenerator
-
-    gen = SceneGenerator(seed=scene_seed, split="eval")
-    scenes = [gen.sample(i) for i in range(n)]
-    real = np.stack([gen.render(s) for s in scenes])
-    return scenes, [s.caption for s in scenes], real, features(real, cache=True)
 
 
 def steps_to_match(fids: dict[int, float], target: float) -> int | None:
@@ -98,7 +68,7 @@ def bench_recipe(base: TrainConfig, *, work: str | Path = "runs/recipe", pipelin
     for recipe in ("deci", "sd"):
         pipe = load_pipeline(pipelines[recipe], scheduler="ddim", device="auto")
         for steps in grid:
-            images = _generate_set(pipe, prompts, steps, batch, seed, guidance)
+            images = render_set(pipe, prompts, steps, batch, seed, guidance)
             f = features(images)
             feats[(recipe, steps)] = f
             fid = fid_from_features(real_f, f)

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import typer
 
 from stepsaver.errors import StepsaverError
+from stepsaver.skip.config import AdaptiveSkipConfig
 
-__all__ = ["Method", "SkipBenchConfig", "bench_skip", "bench_skip_cmd", "peak_memory_bytes", "targets"]
+__all__ = ["Method", "SkipBenchConfig", "bench_skip", "peak_memory_bytes", "targets"]
 
 DEFAULT_SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
 DELTAS = (0.005, 0.01, 0.02, 0.05)
@@ -81,7 +81,7 @@ class Method:
     def applied(self, pipe: Any) -> Iterator[None]:
         """Attach this method to ``pipe`` for the block, and take it off again."""
         if self.kind == "skip":
-            from stepsaver.skip.hook import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+            from stepsaver.skip.hook import disable_adaptive_skip, enable_adaptive_skip
 
             enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips,
                                                           per_sample=not self.compat, compat=self.compat))
@@ -126,8 +126,8 @@ class SkipBenchConfig:
     deltas: tuple[float, ...] = DELTAS
     max_skips_grid: tuple[int, ...] = MAX_SKIPS_GRID
     deepcache_intervals: tuple[int, ...] = DEEPCACHE_INTERVALS
-    threshold: float = 0.01
-    max_skips: int = 4
+    threshold: float = AdaptiveSkipConfig.threshold
+    max_skips: int = AdaptiveSkipConfig.max_skips
     batch: int = 8
     oracle_tolerance: float | None = None  # None: each prompt's estimator error
     seed: int = 0
@@ -145,7 +145,7 @@ class SkipBenchConfig:
 
     def validate(self) -> None:
         """One-line :class:`StepsaverError` for settings that cannot produce a report."""
-        from stepsaver.generate import MAX_STEPS
+        from stepsaver.generation import MAX_STEPS
         from stepsaver.pipelines import scheduler_spec
 
         if self.n < 2:
@@ -182,31 +182,15 @@ class SkipBenchConfig:
 
 # --- measuring one render ----------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _render(pipe: Any, method: Method, prompts: Sequence[str], seeds: Sequence[int],
             guidance: float) -> tuple[list[_Render], float]:
     """Render ``prompts`` in one pipeline call with ``method``; the renders and the call's seconds."""
-    from stepsaver.generate import count_denoiser_calls
-    from stepsaver.skip.hook import skip_report
+    from stepsaver.generation import generate_images
 
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    device = getattr(pipe, "device", torch.device("cpu"))
-    with method.applied(pipe), count_denoiser_calls(pipe) as counter, torch.inference_mode():
-        _sync(device)
-        t0 = time.perf_counter()
-        out = pipe(list(prompts), num_inference_steps=method.steps, guidance_scale=guidance, generator=gens)
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        report = skip_report(pipe) if method.kind == "skip" else None
-    images = [np.asarray(im.convert("RGB")) for im in out.images]
-    if report is None:
-        return [_Render(im, counter[0]) for im in images], seconds
-    return [_Render(im, sum(bool(row[i]) for row in report.computed), report.path(i))
-            for i, im in enumerate(images)], seconds
+    with method.applied(pipe):
+        results = generate_images(pipe, list(prompts), steps=method.steps, seeds=list(seeds), guidance=guidance)
+    renders = [_Render(np.asarray(r.image.convert("RGB")), r.denoiser_calls, r.path) for r in results]
+    return renders, results[0].seconds
 
 
 def peak_memory_bytes(fn: Any, device: str | torch.device = "cpu") -> int:
@@ -369,7 +353,7 @@ class _DiskCache:
     def __init__(self, root: Path, cfg: SkipBenchConfig, pipe: Any) -> None:
         import hashlib
 
-        from stepsaver.generate import denoiser_of
+        from stepsaver.generation import denoiser_of
 
         digest = hashlib.sha1()
         for module in (denoiser_of(pipe), getattr(pipe, "vae", None)):
@@ -852,84 +836,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
-
-
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise StepsaverError(f"--{name} must be a comma-separated list of integers, got {text!r}") from None
-    if not values:
-        raise StepsaverError(f"--{name} is empty")
-    return values
-
-
-def bench_skip_cmd(
-    n: int = typer.Option(200, "--n", help="Held-out scene prompts for the main table."),
-    ablation_n: int | None = typer.Option(
-        None, "--ablation-n", help="Prompts for the delta x C_max and step ablations [default: 50, at most --n]."),
-    oracle_n: int | None = typer.Option(
-        None, "--oracle-n", help="Prompts searched by the greedy oracle, first scheduler [default: 10, at most --n]."),
-    time_n: int | None = typer.Option(
-        None, "--time-n", help="Prompts timed, every method in turn on each [default: 50, at most --n]."),
-    macs_n: int | None = typer.Option(
-        None, "--macs-n", help="Prompts whose MACs are counted, FlopCounterMode [default: 4, at most --n]."),
-    schedulers: str = typer.Option(",".join(DEFAULT_SCHEDULERS), "--schedulers", help="Comma-separated names."),
-    ablation_schedulers: str | None = typer.Option(
-        None, "--ablation-schedulers", help="Schedulers that get the ablations, comma-separated, or 'all' "
-        "[default: the first of --schedulers]."),
-    steps: int = typer.Option(50, "--steps", help="Full step count (the issue's targets are at 50)."),
-    ablation_steps: str = typer.Option(",".join(map(str, ABLATION_STEPS)), "--ablation-steps"),
-    threshold: float = typer.Option(0.01, "--threshold", help="Skip threshold delta of 'ours'."),
-    max_skips: int = typer.Option(4, "--max-skips", help="C_max of 'ours'."),
-    batch: int = typer.Option(8, "--batch", help="Batch of the per-sample row."),
-    oracle_tolerance: float | None = typer.Option(
-        None, "--oracle-tolerance", help="Relative L2 of the final latent (default: the estimator's own error)."),
-    seed: int = typer.Option(0, "--seed", help="Prompt i is rendered with seed + i."),
-    guidance: float = typer.Option(5.0, "--guidance", "-g"),
-    model: str = typer.Option("tiny", "--model", "-m"),
-    device: str = typer.Option("auto", "--device"),
-    fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute FID (loads the Inception network)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Keep renders in this folder: a killed run resumes from it, and processes "
-        "benchmarking different --schedulers can share it."),
-    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for skip.json, skip.md and plots."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
-) -> None:
-    """AdaptiveDiffusion vs full steps, official-compat, DeepCache and iso-cost fixed steps (issue 4)."""
-    names = tuple(s.strip() for s in schedulers.split(",") if s.strip())
-    ablated = None if ablation_schedulers is None else names if ablation_schedulers.strip() == "all" else \
-        tuple(s.strip() for s in ablation_schedulers.split(",") if s.strip())
-    base = SkipBenchConfig()
-
-    def upto(value: int | None, default: int) -> int:  # an unset count follows --n down, a set one is checked
-        return min(default, max(n, 1)) if value is None else value
-
-    cfg = SkipBenchConfig(n=n, ablation_n=upto(ablation_n, base.ablation_n), oracle_n=upto(oracle_n, base.oracle_n),
-                          time_n=upto(time_n, base.time_n), macs_n=upto(macs_n, base.macs_n),
-                          schedulers=names, ablation_schedulers=ablated, steps=steps,
-                          ablation_steps=_ints(ablation_steps, "ablation-steps"),
-                          threshold=threshold, max_skips=max_skips, batch=batch, oracle_tolerance=oracle_tolerance,
-                          seed=seed, guidance=guidance, model=model, device=device, fid=fid,
-                          threads=threads, cache_dir=str(cache) if cache else None)
-    result = bench_skip(cfg, out_dir=out, show_progress=not as_json)
-    if as_json:
-        print(json.dumps({k: result[k] for k in ("targets", "seconds", "json", "md", "plots")}, default=str))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"bench skip ({result['seconds'] / 60:.1f} min)", title_justify="left")
-    show = ["scheduler", "method", "denoiser_calls", "speedup", "psnr_db", "lpips", "fid"]
-    for c in show:
-        table.add_column(c)
-    for r in result["rows"]:
-        table.add_row(*("–" if r[c] is None else f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
-                        for c in show))
-    console = Console()
-    console.print(table)
-    for v in result["targets"].values():
-        console.print(v["text"].replace("**", ""), highlight=False, soft_wrap=True)
-    console.print(f"report: {result['md']}")
-

@@ -158,3 +158,12 @@ def bench_label_workers(prompts: Sequence[str], workers: Sequence[int] = (1, 2),
     paths = write_report(name, rows, title="Labelling throughput: 1 vs N Ray workers", summary=summary,
                          out_dir=out_dir)
     return {"rows": rows, **{k: str(v) for k, v in paths.items()}}
+
+
+def default_prompts(n: int, seed: int = 7, split: str = "eval") -> list[str]:
+    """``n`` scene captions to time or label when the user gives no prompt file."""
+    from stepsaver.scenes import SceneGenerator
+
+    gen = SceneGenerator(seed=seed, split=split)
+    return [gen.sample(i).caption for i in range(n)]
+

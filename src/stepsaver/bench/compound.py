@@ -18,19 +18,21 @@ import numpy as np
 import torch
 
 from stepsaver.errors import StepsaverError
+from stepsaver.skip.config import AdaptiveSkipConfig
 
 TARGET_CALL_RATIO = 4.0
 
 
 def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float | None = None,
-                   threshold: float = 0.01, max_skips: int = 4, scene_seed: int = 3, guidance: float = 5.0,
+                   threshold: float = AdaptiveSkipConfig.threshold,
+                   max_skips: int = AdaptiveSkipConfig.max_skips, scene_seed: int = 3, guidance: float = 5.0,
                    out_dir: str | Path = "docs/results", name: str = "compound", progress: bool = True,
                    n_boot: int = 400) -> dict[str, Any]:
     from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report
 
     plt = pyplot()
 
-    from stepsaver.generate import generate
+    from stepsaver.generation import generate
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
     from stepsaver.measure.lpips import lpips_distance
@@ -38,7 +40,7 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
     from stepsaver.pipelines import load_pipeline
     from stepsaver.predict.recommender import StepRecommender
     from stepsaver.scenes import SceneGenerator
-    from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+    from stepsaver.skip import disable_adaptive_skip, enable_adaptive_skip
 
     if n < 2:
         raise StepsaverError(f"--n must be >= 2, got {n}")

@@ -1,0 +1,296 @@
+"""``stepsaver bench ...``: each command parses, calls one function of :mod:`stepsaver.bench` and shows its rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stepsaver.cli.render import Col, JsonOpt, command, emit, emit_rows
+from stepsaver.errors import StepsaverError
+from stepsaver.skip.config import AdaptiveSkipConfig
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables and plots under docs/results/.")
+
+F2, F3 = "{:.2f}", "{:.3f}"
+
+
+@app.command("time")
+@command
+def bench_time_cmd(
+    model: str = typer.Option("tiny", "--model", "-m"),
+    scheduler: str = typer.Option("ddim", "--scheduler"),
+    steps: str = typer.Option("10:100:10", "--steps", help="start:stop:step, inclusive."),
+    repeats: int = typer.Option(3, "--repeats"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Median generation time vs steps with a linear fit and R^2 (StepSaver Fig. 5)."""
+    from stepsaver.bench.time import bench_time
+    from stepsaver.generation import MAX_STEPS
+    from stepsaver.pipelines import load_pipeline
+    from stepsaver.predict.label import parse_grid
+
+    grid = list(parse_grid(steps))
+    if max(grid) > MAX_STEPS or repeats < 1:
+        raise StepsaverError(f"--steps needs counts in 1..{MAX_STEPS} and --repeats >= 1")
+    pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    result = bench_time(pipe, grid, repeats=repeats, out_dir=out_dir)
+    fit = result["fit"]
+    emit({"ms_per_step": fit["slope"] * 1e3, "fixed_s": fit["intercept"], "r2": fit["r2"],
+          "report": result["md"], "plot": result["plot"]}, as_json, "time vs steps")
+
+
+@app.command("recommend")
+@command
+def bench_recommend_cmd(
+    recommender: str = typer.Option("tiny", "--recommender", "-r", help="'tiny' (shipped) or a saved folder."),
+    prompts: Path | None = typer.Option(None, "--prompts", "-p", help="Prompt file (default: held-out scene prompts)."),
+    n: int = typer.Option(2000, "--n", help="Prompts for the throughput run."),
+    n_single: int = typer.Option(200, "--n-single", help="Distinct prompts for single-prompt latency."),
+    batch: int = typer.Option(256, "--batch"),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: 2)."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Recommender p50 latency and prompts/s: PyTorch fp32 vs ONNX fp32 vs ONNX int8 vs the distilled student."""
+    from stepsaver.bench.recommend import bench_recommend, default_prompts
+    from stepsaver.predict.prompts import read_prompts
+
+    texts = read_prompts(prompts)[:n] if prompts is not None else default_prompts(n)
+    if not texts:
+        raise StepsaverError("no prompts to time")
+    result = bench_recommend(recommender, texts, n_single=n_single, batch=batch, threads=threads, out_dir=out_dir)
+    emit_rows(result["rows"], [Col("path", "path"), Col("p50 ms", "p50_ms", F2), Col("p90 ms", "p90_ms", F2),
+                               Col("cache hit ms", "cache_hit_ms", F3), Col("prompts/s", "prompts_per_s", "{:,.0f}"),
+                               Col("agree", "agreement_with_torch", F3)], as_json, "recommender speed",
+              payload=result, notes=[result["summary"]])
+
+
+@app.command("flexi")
+@command
+def bench_flexi_cmd(
+    n: int = typer.Option(500, "--n", help="Held-out scene prompts."),
+    work: Path = typer.Option(Path("runs/labels/eval"), "--work", help="Label folder (resumable; renders kept)."),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    confidence: float = typer.Option(0.8, "--confidence", help="Also report the recommender at this confidence."),
+    steps: str = typer.Option("10:100:10", "--steps", help="Step grid."),
+    scene_seed: int = typer.Option(1, "--scene-seed"),
+    batch: int = typer.Option(32, "--batch"),
+    repeats: int = typer.Option(3, "--repeats", help="Timed batch-1 generations per step count (median)."),
+    n_boot: int = typer.Option(400, "--n-boot", help="Bootstrap replicates of each FID difference."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """StepSaver's evaluation: fixed steps vs flexi (labels, recommender) vs iso-cost, one run."""
+    from stepsaver.bench.flexi import bench_flexi
+    from stepsaver.predict.label import LabelConfig, parse_grid
+
+    result = bench_flexi(n, scene_seed=scene_seed, work=work, recommender=recommender, confidence=confidence,
+                         config=LabelConfig(steps=parse_grid(steps)), batch=batch, repeats=repeats,
+                         n_boot=n_boot, out_dir=out_dir, progress=not as_json)
+    emit_rows(result["rows"], [Col("method", "method"), Col("steps", "mean_steps", "{:.1f}"), Col("FID", "fid", F2),
+                               Col("adherence", "adherence", F3), Col("s/image", "mean_s", F3),
+                               Col("speedup", "speedup_vs_fixed50", "{:.2f}x")], as_json, "flexi",
+              payload=result, notes=[result["summary"]])
+
+
+@app.command("recipe")
+@command
+def bench_recipe_cmd(
+    vae: Path = typer.Option(Path("runs/vae/vae"), "--vae", help="Trained AutoencoderKL folder."),
+    work: Path = typer.Option(Path("runs/recipe"), "--work", help="Where both runs train (resumable)."),
+    deci: str | None = typer.Option(None, "--deci-pipeline", help="Skip training: a trained Deci pipeline."),
+    sd: str | None = typer.Option(None, "--sd-pipeline", help="Skip training: a trained SD-recipe pipeline."),
+    steps: int = typer.Option(6500, "--train-steps", help="Training steps of each recipe."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    scenes: int = typer.Option(40000, "--scenes"),
+    cache: Path = typer.Option(Path("runs/cache"), "--cache"),
+    n: int = typer.Option(500, "--n", help="Held-out prompts to evaluate."),
+    grid: str = typer.Option("10,20,30,40,50", "--steps", help="DDIM step counts to evaluate."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop training (resumable) after this."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    n_boot: int = typer.Option(100, "--n-boot", help="Bootstrap replicates of the FID difference."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Deci recipe vs SD-style baseline at identical compute: FID and adherence vs DDIM steps."""
+    from stepsaver.bench.recipe import bench_recipe
+    from stepsaver.predict.label import parse_grid
+    from stepsaver.shrink.train import TrainConfig
+
+    pipes = {k: v for k, v in (("deci", deci), ("sd", sd)) if v}
+    base = TrainConfig(vae=str(vae), steps=steps, batch_size=batch_size, scenes=scenes, cache=str(cache))
+    result = bench_recipe(base, work=work, pipelines=pipes, n=n, grid=parse_grid(grid), out_dir=out_dir,
+                          progress=not as_json, max_minutes=max_minutes, n_boot=n_boot)
+    emit_rows(result["rows"], [Col("recipe", "recipe"), Col("steps", "steps"), Col("FID", "fid", F2),
+                               Col("adherence", "adherence", F3)], as_json, "recipe comparison",
+              payload=result, notes=[result["summary"]])
+
+
+@app.command("models")
+@command
+def bench_models_cmd(
+    pipeline: list[str] = typer.Option(..., "--pipeline", "-p",
+                                       help="LABEL=FOLDER, repeated; the first is the baseline."),
+    n: int = typer.Option(300, "--n", help="Held-out prompts to evaluate."),
+    grid: str = typer.Option("30,50", "--steps", help="DDIM step counts to evaluate."),
+    name: str = typer.Option("models", "--name", help="Report name under --out-dir."),
+    n_boot: int = typer.Option(100, "--n-boot", help="Bootstrap replicates of the FID difference."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Two or more checkpoints of a scene model: FID, adherence, objects found (large/small), grid."""
+    from stepsaver.bench.models import bench_models, parse_pipelines
+    from stepsaver.predict.label import parse_grid
+
+    result = bench_models(parse_pipelines(pipeline), n=n, grid=parse_grid(grid, at_least=1), name=name,
+                          n_boot=n_boot, out_dir=out_dir, progress=not as_json)
+    emit_rows(result["rows"], [Col("model", "model"), Col("steps", "steps"), Col("FID", "fid", F2),
+                               Col("adherence", "adherence", F3), Col("background", "background", F3),
+                               Col("large found", "presence_large", F3), Col("small found", "presence_small", F3),
+                               Col("position", "position", F3)], as_json, "checkpoints",
+              payload=result, notes=[result["summary"]])
+
+
+@app.command("serve")
+@command
+def bench_serve_cmd(
+    n_recommend: int = typer.Option(2000, "--n-recommend"),
+    c_recommend: int = typer.Option(32, "--c-recommend", help="Concurrency of recommend requests."),
+    n_generate: int = typer.Option(40, "--n-generate"),
+    c_generate: int = typer.Option(8, "--c-generate", help="Concurrency of generate requests."),
+    steps: int = typer.Option(30, "--steps"),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Bounded load test of `stepsaver serve` on 127.0.0.1: throughput, p50/p99, 503s, 5xx."""
+    from stepsaver.bench.load import bench_serve
+
+    result = bench_serve(n_recommend, c_recommend, n_generate, c_generate, steps, recommender, out_dir=out_dir)
+    emit_rows(result["rows"], [Col("load", "load"), Col("ok", lambda r: f"{r['ok']}/{r['requests']}"),
+                               Col("req/s", "throughput_rps", "{:.1f}"), Col("p50 ms", "p50_ms", "{:.1f}"),
+                               Col("p99 ms", "p99_ms", "{:.1f}"), Col("503", "status_503"),
+                               Col("other 5xx", "other_5xx")], as_json, "serve load test",
+              payload=result, notes=[result["summary"]])
+
+
+@app.command("compound")
+@command
+def bench_compound_cmd(
+    n: int = typer.Option(200, "--n", help="Held-out scene prompts."),
+    recommender: str = typer.Option("tiny", "--recommender", "-r"),
+    confidence: float | None = typer.Option(None, "--confidence"),
+    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold"),
+    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fixed 50 vs Predict vs Skip vs Predict+Skip vs iso-cost: calls, seconds, FID, adherence, PSNR/LPIPS."""
+    from stepsaver.bench.compound import bench_compound
+
+    result = bench_compound(n, recommender=recommender, confidence=confidence, threshold=threshold,
+                            max_skips=max_skips, out_dir=out_dir, progress=not as_json)
+    emit_rows(result["rows"], [Col("method", "method"), Col("calls", "denoiser_calls", "{:.1f}"),
+                               Col("median s", "median_s", F3), Col("FID", "fid", F2),
+                               Col("adherence", "adherence", F3), Col("PSNR", "psnr_vs_fixed50", "{:.1f}"),
+                               Col("LPIPS", "lpips_vs_fixed50", F3)], as_json, "compound",
+              payload=result, notes=[result["summary"]])
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+@app.command("skip")
+@command
+def bench_skip_cmd(
+    n: int = typer.Option(200, "--n", help="Held-out scene prompts for the main table."),
+    ablation_n: int | None = typer.Option(
+        None, "--ablation-n", help="Prompts for the delta x C_max and step ablations [default: 50, at most --n]."),
+    oracle_n: int | None = typer.Option(
+        None, "--oracle-n", help="Prompts searched by the greedy oracle, first scheduler [default: 10, at most --n]."),
+    time_n: int | None = typer.Option(
+        None, "--time-n", help="Prompts timed, every method in turn on each [default: 50, at most --n]."),
+    macs_n: int | None = typer.Option(
+        None, "--macs-n", help="Prompts whose MACs are counted, FlopCounterMode [default: 4, at most --n]."),
+    schedulers: str = typer.Option("ddim,dpmpp_2m,euler", "--schedulers", help="Comma-separated names."),
+    ablation_schedulers: str | None = typer.Option(
+        None, "--ablation-schedulers", help="Schedulers that get the ablations, comma-separated, or 'all' "
+        "[default: the first of --schedulers]."),
+    steps: int = typer.Option(50, "--steps", help="Full step count (the issue's targets are at 50)."),
+    ablation_steps: str = typer.Option("50,25,15,10", "--ablation-steps"),
+    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold",
+                                    help="Skip threshold delta of 'ours'."),
+    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips", help="C_max of 'ours'."),
+    batch: int = typer.Option(8, "--batch", help="Batch of the per-sample row."),
+    oracle_tolerance: float | None = typer.Option(
+        None, "--oracle-tolerance", help="Relative L2 of the final latent (default: the estimator's own error)."),
+    seed: int = typer.Option(0, "--seed", help="Prompt i is rendered with seed + i."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g"),
+    model: str = typer.Option("tiny", "--model", "-m"),
+    device: str = typer.Option("auto", "--device"),
+    fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute FID (loads the Inception network)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Keep renders in this folder: a killed run resumes from it, and processes "
+        "benchmarking different --schedulers can share it."),
+    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for skip.json, skip.md and plots."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """AdaptiveDiffusion vs full steps, official-compat, DeepCache and iso-cost fixed steps (issue 4)."""
+    from stepsaver.bench.skip import SkipBenchConfig, bench_skip
+
+    names = _names(schedulers)
+    ablated = None if ablation_schedulers is None else names if ablation_schedulers.strip() == "all" else \
+        _names(ablation_schedulers)
+    base = SkipBenchConfig()
+
+    def upto(value: int | None, default: int) -> int:  # an unset count follows --n down, a set one is checked
+        return min(default, max(n, 1)) if value is None else value
+
+    try:
+        abl_steps = tuple(int(v) for v in _names(ablation_steps))
+    except ValueError:
+        raise StepsaverError(f"--ablation-steps must be a comma-separated list of integers, got {ablation_steps!r}") \
+            from None
+    if not abl_steps:
+        raise StepsaverError("--ablation-steps is empty; give step counts such as 50,25,15,10")
+    cfg = SkipBenchConfig(n=n, ablation_n=upto(ablation_n, base.ablation_n), oracle_n=upto(oracle_n, base.oracle_n),
+                          time_n=upto(time_n, base.time_n), macs_n=upto(macs_n, base.macs_n),
+                          schedulers=names, ablation_schedulers=ablated, steps=steps, ablation_steps=abl_steps,
+                          threshold=threshold, max_skips=max_skips, batch=batch, oracle_tolerance=oracle_tolerance,
+                          seed=seed, guidance=guidance, model=model, device=device, fid=fid,
+                          threads=threads, cache_dir=str(cache) if cache else None)
+    result = bench_skip(cfg, out_dir=out, show_progress=not as_json)
+    g3 = lambda key: lambda r: r[key] if not isinstance(r[key], float) else f"{r[key]:.3g}"  # noqa: E731
+    emit_rows(result["rows"], [Col(c, g3(c)) for c in ("scheduler", "method", "denoiser_calls", "speedup", "psnr_db",
+                                                      "lpips", "fid")],
+              as_json, f"bench skip ({result['seconds'] / 60:.1f} min)",
+              payload={k: result[k] for k in ("targets", "seconds", "json", "md", "plots")},
+              notes=[*(v["text"].replace("**", "") for v in result["targets"].values()), f"report: {result['md']}"])
+
+
+@app.command("label-workers")
+@command
+def bench_label_workers_cmd(
+    n: int = typer.Option(16, "--n", help="Scene prompts to label with each worker count."),
+    workers: str = typer.Option("1,2", "--workers", help="Worker counts to compare."),
+    batch: int = typer.Option(8, "--batch"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Labelling throughput (prompts/hour) with 1 vs N Ray workers, and that labels agree."""
+    from stepsaver.bench.recommend import bench_label_workers, default_prompts
+
+    try:
+        counts = [int(w) for w in _names(workers)]
+    except ValueError:
+        raise StepsaverError(f"--workers must be comma-separated integers, got {workers!r}") from None
+    if n < 1 or not counts or any(w < 1 for w in counts):
+        raise StepsaverError("--n and every --workers value must be >= 1")
+    result = bench_label_workers(default_prompts(n, seed=21, split="train"), counts, batch=batch, out_dir=out_dir)
+    emit_rows(result["rows"], [Col("workers", "workers"), Col("prompts/h", "prompts_per_hour", "{:.0f}"),
+                               Col("speedup", "speedup", "{:.2f}x"), Col("labels equal", "labels_equal_to_1_worker")],
+              as_json, "label workers", payload=result)

@@ -1,0 +1,119 @@
+"""Commands on the core: ``generate``, ``schedulers``, ``scenes``, ``samples``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stepsaver.cli.render import Col, JsonOpt, command, emit, emit_rows
+from stepsaver.errors import StepsaverError
+from stepsaver.skip.config import AdaptiveSkipConfig
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+@command
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' (embedded), a hub id or a pipeline folder."),
+    steps: str = typer.Option("30", "--steps", "-n", help="Denoising steps (1..1000), or 'auto' (the recommender)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", "-s", help="Sampler name; see `stepsaver schedulers`."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    recommender: str = typer.Option("tiny", "--recommender", help="Recommender for --steps auto: 'tiny' or a folder."),
+    confidence: float | None = typer.Option(None, "--confidence",
+                                            help="--steps auto: fewest steps with P(enough) >= this (default argmax)."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g", help="Classifier-free guidance scale (>= 0)."),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale",
+                                           help="CFG rescale phi in [0, 1] (for zero-terminal-SNR models)."),
+    out: Path = typer.Option(Path("stepsaver.png"), "--out", "-o", help="Where to write the PNG."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    skip: bool = typer.Option(False, "--skip/--no-skip", help="AdaptiveDiffusion step skipping inside the loop."),
+    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold",
+                                    help="Skip threshold delta (with --skip)."),
+    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips",
+                                  help="Most consecutive skips C_max (with --skip)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
+    from stepsaver.generation import generate as run_generate
+    from stepsaver.generation import validate_request
+    from stepsaver.pipelines import load_pipeline, scheduler_spec
+    from stepsaver.predict import resolve_steps
+
+    n_steps, auto = resolve_steps(prompt, steps, recommender, confidence)
+    validate_request(prompt, n_steps, guidance)  # fail fast, before loading any weights
+    scheduler_spec(scheduler)
+    if out.suffix.lower() != ".png":
+        raise StepsaverError(f"--out must be a .png path, got {out}")
+    skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips) if skip else None  # validates first
+    pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    if skip_config is not None:
+        from stepsaver.skip import enable_adaptive_skip
+
+        enable_adaptive_skip(pipe, skip_config)
+    result = run_generate(pipe, prompt, steps=n_steps, seed=seed, guidance=guidance,
+                          guidance_rescale=guidance_rescale)
+    result.extra.update(auto)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    emit({**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}, as_json, "generated")
+
+
+@app.command()
+@command
+def schedulers(as_json: bool = JsonOpt) -> None:
+    """List the sampler names and the diffusers classes they map to."""
+    import json
+
+    from stepsaver.pipelines import SCHEDULERS
+
+    payload = {k: {"class": v.cls_name, "kwargs": v.kwargs, "denoiser_calls_per_step": 2 if v.second_order else 1}
+               for k, v in SCHEDULERS.items()}
+    rows = [{"name": k, **v, "kwargs_json": json.dumps(v["kwargs"])} for k, v in payload.items()]
+    emit_rows(rows, [Col("name", "name"), Col("diffusers class", "class"), Col("kwargs", "kwargs_json"),
+                     Col("calls/step", "denoiser_calls_per_step")], as_json, "", payload={"schedulers": payload})
+
+
+@app.command()
+@command
+def scenes(
+    out: Path = typer.Argument(..., help="Folder to write images.npy, scenes.jsonl and grid.png into."),
+    n: int = typer.Option(1000, "--n", help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed"),
+    split: str = typer.Option("train", "--split", help="train, or eval (held-out compositions)."),
+    font: str | None = typer.Option(None, "--font", help="Colour emoji font (Noto Color Emoji)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Render captioned emoji scenes (the embedded model's data) with a preview grid."""
+    from stepsaver.shrink.grid import write_scene_preview
+
+    emit(write_scene_preview(out, n, seed=seed, split=split, font=font, progress=not as_json), as_json, "scenes")
+
+
+@app.command()
+@command
+def samples(
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write."),
+    model: str = typer.Option("tiny", "--model", "-m"),
+    n: int = typer.Option(16, "--n", help="How many held-out scene prompts."),
+    steps: int = typer.Option(30, "--steps"),
+    scheduler: str = typer.Option("ddim", "--scheduler"),
+    guidance: float = typer.Option(5.0, "--guidance"),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Grid of held-out scene prompts: the real scene beside the model's image."""
+    from stepsaver.generation import validate_request
+    from stepsaver.pipelines import load_pipeline
+    from stepsaver.shrink.grid import render_eval_grid
+
+    validate_request("scenes", steps, guidance)
+    if n <= 0:
+        raise StepsaverError(f"--n must be positive, got {n}")
+    pipe = load_pipeline(model, scheduler=scheduler)
+    path = render_eval_grid(pipe, out, n=n, steps=steps, guidance=guidance, seed=seed,
+                            guidance_rescale=guidance_rescale)
+    emit({"grid": str(path), "model": model, "steps": steps, "scheduler": scheduler, "n": n}, as_json, "samples")

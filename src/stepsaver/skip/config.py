@@ -1,0 +1,71 @@
+"""The settings of Skip, importable without torch or diffusers (the CLI reads its defaults).
+
+``MIN_WARMUP`` lives here for the same reason: the config validates against it and the
+criterion (:mod:`stepsaver.skip.criterion`) takes it as its default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stepsaver.errors import StepsaverError
+
+__all__ = ["MIN_WARMUP", "AdaptiveSkipConfig"]
+
+MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
+
+
+@dataclass(frozen=True)
+class AdaptiveSkipConfig:
+    """Settings of AdaptiveDiffusion skipping (frozen and hashable: it keys batches and caches).
+
+    Its defaults are the one place the shipped skip settings are written; the CLI, the service
+    and the benchmarks read them from here.
+
+    Args:
+        threshold: delta of the criterion ``|(D_j + D_{j-2})/2 - D_{j-1}| <= delta * D_{j-1}``.
+            0.01 is the paper's value for SD-1.5/SDXL (0.004 for LDM). Larger skips more. ``0``
+            never skips (output bit-identical to the plain pipeline).
+        max_skips: C_max, the most consecutive steps that may reuse the cache (4 for SD-1.5/SDXL,
+            6 for LDM). ``0`` never skips.
+        warmup: steps ``0 .. warmup-1`` always run the denoiser; at least 4 (the criterion needs
+            D_1..D_3, known after step 3).
+        per_sample: one skip path per sample of the batch (ours); ``False`` shares one path, decided
+            on the whole batch's latent difference, with C_max enforced from the first decision.
+        compat: reproduce the official implementation's decisions exactly: one path per batch,
+            C_max enforced only from the sixth decision, decisions per ``scheduler.step`` call
+            (also the half steps of Heun/DPM2), differences in the latents' dtype, ties skip even
+            at ``threshold=0``. Implies a shared path (``per_sample`` is then ignored); needs
+            ``warmup=4``. State still resets every call (the official code does not).
+    """
+
+    threshold: float = 0.01
+    max_skips: int = 4
+    warmup: int = MIN_WARMUP
+    per_sample: bool = True
+    compat: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`StepsaverError` (one line) on a setting that cannot work."""
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise StepsaverError(f"skip threshold must be a finite number >= 0 (e.g. 0.01), got {t!r}")
+        for name, low in (("max_skips", 0), ("warmup", MIN_WARMUP)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StepsaverError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("per_sample", "compat"):
+            if not isinstance(getattr(self, name), bool):
+                raise StepsaverError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compat and self.warmup != MIN_WARMUP:
+            raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
+                                 f"got warmup={self.warmup}")
+
+    @property
+    def mode(self) -> str:
+        """``"compat"``, ``"per_sample"`` or ``"shared"``."""
+        return "compat" if self.compat else ("per_sample" if self.per_sample else "shared")
