@@ -1,22 +1,19 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
     """Random SD-1.5- and SDXL-layout pipelines saved to disk once per test session."""
-    import tiny
+    from tests import helpers
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
-    return {"sd15": tiny.tiny_sd15(root), "sdxl": tiny.tiny_sdxl(root)}
+    return {"sd15": helpers.tiny_sd15(root), "sdxl": helpers.tiny_sdxl(root)}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +28,7 @@ def trained_recommender(tmp_path_factory):
     """A step recommender fine-tuned for 3 epochs on synthetic labels (object count decides steps)."""
     from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, write_dataset
     from stepsaver.predict.train import train_recommender
-    from test_predict import synthetic_rows
+    from tests.helpers import synthetic_rows
 
     root = tmp_path_factory.mktemp("rec")
     write_dataset(prepare_dataset(synthetic_rows(), DatasetConfig(tau=0.9)), root / "ds")

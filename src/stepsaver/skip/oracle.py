@@ -32,7 +32,6 @@ Agreement between oracle and estimator paths is measured by pure functions over 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -145,14 +144,12 @@ def relative_l2(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _final_latent(pipe: Any, prompt: str, steps: int, seed: int, guidance: float, **kwargs: Any) -> torch.Tensor:
-    """One run of ``pipe`` returning its final latent (same seed, so the same initial noise every time)."""
-    accepted = inspect.signature(pipe.__call__).parameters
-    call = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "latent",
-            "generator": torch.Generator("cpu").manual_seed(seed), **kwargs}
-    call = {k: v for k, v in call.items() if k in accepted or k == "generator"}
-    with torch.inference_mode():
-        out = pipe(prompt, **call)
-    return out.images.detach().clone()
+    """One run of ``pipe`` returning its final latent ``[1, C, h, w]`` (same seed: the same noise every time)."""
+    from stepsaver.generation import generate_images
+
+    result = generate_images(pipe, [prompt], steps=steps, seeds=seed, guidance=guidance, output_type="latent",
+                             **kwargs)[0]
+    return torch.stack(result.images).detach().clone()
 
 
 def run_skip_path(pipe: Any, prompt: str, skips: Sequence[int], steps: int = 50, seed: int = 0,

@@ -21,8 +21,8 @@ def test_peak_memory_counts_what_the_call_allocates():
 def test_bench_skip_smoke(tmp_path, monkeypatch):
     """Every stage on 2 prompts x 6 steps. FID's 2048x2048 eigen-decompositions (seconds each) and the
     profiler pass are stubbed here; their own code is tested in test_fid_quality and above."""
-    import stepsaver.measure.fid as fid_module
     import stepsaver.bench.skip as bench_module
+    import stepsaver.measure.fid as fid_module
 
     monkeypatch.setattr(fid_module, "features", lambda images, **_: torch.zeros(len(images), 4))
     monkeypatch.setattr(fid_module, "fid_from_features", lambda real, fake: 1.5)

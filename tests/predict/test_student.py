@@ -11,7 +11,7 @@ from stepsaver.predict import StepRecommender
 
 def _captions(n: int = 300) -> list[str]:
     """Unlabelled prompts from the synthetic world of ``synthetic_rows`` (different draws)."""
-    from test_predict import synthetic_rows
+    from tests.helpers import synthetic_rows
 
     return [r["prompt"].replace("background", "backdrop colour") for r in synthetic_rows(n, seed=1)]
 

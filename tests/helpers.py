@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ sits in it, ../shared beside it
+
 
 def _clip_tokenizer(folder: Path):
     from tokenizers.pre_tokenizers import ByteLevel
@@ -119,3 +121,24 @@ def tiny_pixart(folder: Path) -> Path:
                                scheduler=sched)
     pipe.save_pretrained(folder / "pixart")
     return folder / "pixart"
+
+
+# ---- synthetic step labels (Predict) ------------------------------------------------------
+GRID = list(range(10, 101, 10))
+
+
+def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
+    """Label rows whose converged label is decided by the prompt's object count (learnable)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "apple", "car", "tree", "boat", "star", "moon", "cake", "bell", "fish", "leaf"]
+    rows = []
+    for i in range(n):
+        k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))  # unequal classes
+        objs = rng.choice(words, size=k, replace=False)
+        prompt = " and ".join(f"a {o}" for o in objs) + f" on background {i}"
+        conv = {1: 10, 2: 30, 3: 60}[k]
+        ref = [0.5 if s < conv else 0.99 for s in GRID]
+        rows.append({"prompt": prompt, "steps": GRID, "ssim_next": [0.9] * 9, "ssim_ref": ref})
+    return rows

@@ -11,8 +11,9 @@ from stepsaver import generate, load_pipeline
 from stepsaver.errors import StepsaverError
 from stepsaver.shrink.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from stepsaver.shrink.decoder import DecoderTuneConfig, tune_decoder
+from tests.helpers import REPO
 
-TINY = Path(__file__).resolve().parents[1] / "src" / "stepsaver" / "models" / "tiny"
+TINY = REPO / "src" / "stepsaver" / "models" / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from stepsaver.errors import StepsaverError
 from stepsaver.predict import converged, first_decline, parse_grid, read_prompts
 from stepsaver.predict.dataset import DatasetConfig, prepare_dataset, write_dataset
 from stepsaver.predict.language import is_english
+from tests.helpers import GRID, REPO, synthetic_rows
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
-GRID = list(range(10, 101, 10))
+SHARED = REPO.parent / "shared" / "data" / "prompts"
 
 
 # ---- rules -----------------------------------------------------------------------------------
@@ -154,21 +154,6 @@ def test_a_labels_folder_refuses_other_weights_of_the_same_model(sd15_pipe, tiny
 
 
 # ---- dataset -----------------------------------------------------------------------------------
-def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
-    """Label rows whose converged label is decided by the prompt's object count (learnable)."""
-    rng = np.random.default_rng(seed)
-    words = ["cat", "dog", "apple", "car", "tree", "boat", "star", "moon", "cake", "bell", "fish", "leaf"]
-    rows = []
-    for i in range(n):
-        k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))  # unequal classes
-        objs = rng.choice(words, size=k, replace=False)
-        prompt = " and ".join(f"a {o}" for o in objs) + f" on background {i}"
-        conv = {1: 10, 2: 30, 3: 60}[k]
-        ref = [0.5 if s < conv else 0.99 for s in GRID]
-        rows.append({"prompt": prompt, "steps": GRID, "ssim_next": [0.9] * 9, "ssim_ref": ref})
-    return rows
-
-
 def test_dataset_splits_counts_and_balancing(tmp_path):
     rows = synthetic_rows()
     rows += [dict(rows[0]), {**rows[1], "prompt": "  "}, {**rows[2], "prompt": "un chat assis sur une chaise rouge"}]

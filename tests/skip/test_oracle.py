@@ -25,12 +25,6 @@ PROMPT = "a small cat on the left, yellow background"
 STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 
+from stepsaver.bench.load import free_port, wait_healthy
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import ServeSettings, create_app
 from stepsaver.serve import study as st
-from stepsaver.bench.load import free_port, wait_healthy
 
 
 def test_parse_config():

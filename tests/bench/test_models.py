@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 from typer.testing import CliRunner
 
-from stepsaver.cli import app
 from stepsaver.bench.models import presence_by_size
+from stepsaver.cli import app
 
 runner = CliRunner()
 

@@ -1,6 +1,8 @@
+
 """Skip: the AdaptiveDiffusion criterion (pure) and its hook on the embedded model, tiny SD-1.5/SDXL and PixArt."""
 
 import contextlib
+import dataclasses
 import itertools
 import math
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 from stepsaver import StepsaverError, generate, load_pipeline, make_scheduler
-from stepsaver.generation import count_denoiser_calls
+from stepsaver.calls import count_denoiser_calls
 from stepsaver.skip import (
     AdaptiveSkipConfig,
     consecutive_skips,
@@ -29,12 +31,6 @@ LINEAR = [10.0 - k for k in range(12)]  # D_1.. falling by 1 a step: always flat
 T, F = True, False
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the criterion ----------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def pipe(embedded_pipe):
 
 @pytest.fixture(scope="module")
 def tiny_pipes(tiny_folders, tmp_path_factory):
-    import tiny
+    from tests import helpers as tiny
 
     folders = dict(tiny_folders, pixart=tiny.tiny_pixart(tmp_path_factory.mktemp("tiny_pixart")))
     cache = {}
@@ -346,7 +342,9 @@ def test_bad_pipelines_and_double_enabling_leave_nothing_behind(pipe, monkeypatc
         return list(registry.hooks) if registry is not None else []
 
     config = AdaptiveSkipConfig()
-    config.threshold = -1.0  # mutated after construction: checked again on enable
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.threshold = -1.0  # frozen: it keys batches and caches, so it cannot change under them
+    object.__setattr__(config, "threshold", -1.0)  # forced past the guard: still checked again on enable
     with pytest.raises(StepsaverError, match="threshold"):
         enable_adaptive_skip(pipe, config)
     with pytest.raises(StepsaverError, match="AdaptiveSkipConfig"):

@@ -1,0 +1,65 @@
+"""Skip's config is frozen and hashable (it keys batches and caches); the decision rule is a policy object."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from stepsaver import StepsaverError
+from stepsaver.serve.engine import BatchKey
+from stepsaver.skip import AdaptiveSkipConfig, CriterionPolicy, SkipPolicy, skip_report
+from stepsaver.skip.hook import HOOK_NAME, AdaptiveSkipHook
+
+
+def test_config_is_frozen_hashable_and_keeps_the_only_defaults():
+    a, b = AdaptiveSkipConfig(), AdaptiveSkipConfig(threshold=0.01, max_skips=4)
+    assert a == b and hash(a) == hash(b) and len({a, b, AdaptiveSkipConfig(threshold=0.02)}) == 2
+    assert (AdaptiveSkipConfig.threshold, AdaptiveSkipConfig.max_skips) == (a.threshold, a.max_skips)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.max_skips = 2
+    assert hash(BatchKey(steps=20, skip=a)) == hash(BatchKey(steps=20, skip=b))
+    assert BatchKey(steps=20, skip=a) != BatchKey(steps=20, skip=AdaptiveSkipConfig(max_skips=2))
+    with pytest.raises(StepsaverError, match="threshold"):
+        AdaptiveSkipConfig(threshold=float("nan"))
+
+
+class EveryOtherStep(SkipPolicy):
+    """Reuse the cache at every odd step after step 1; counts the network calls it was asked to run."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def decide(self, diffs, path, batch):
+        return len(path) % 2 == 1 and len(path) > 1
+
+    def run(self, step, forward):
+        self.runs.append(step)
+        return forward()
+
+
+def test_the_hook_takes_a_policy_instead_of_being_subclassed(embedded_pipe):
+    from diffusers.hooks import HookRegistry
+
+    from stepsaver import disable_adaptive_skip
+
+    policy = EveryOtherStep()
+    hook = AdaptiveSkipHook(AdaptiveSkipConfig(per_sample=False), embedded_pipe, policy=policy)
+    registry = HookRegistry.check_if_exists_or_initialize(embedded_pipe.unet)
+    registry.register_hook(hook, HOOK_NAME)
+    hook.bind_scheduler(embedded_pipe.scheduler)
+    try:
+        with torch.inference_mode():
+            embedded_pipe("a cat, blue background", num_inference_steps=8, output_type="latent")
+        report = skip_report(embedded_pipe)
+    finally:
+        disable_adaptive_skip(embedded_pipe)
+    assert report.skipped_steps() == [3, 5, 7] and policy.runs == [0, 1, 2, 4, 6]
+    assert report.calls_of(0) == report.denoiser_calls == 5 and report.saved_of(0) == 3
+
+
+def test_the_criterion_policy_is_the_default():
+    flat = [[1.0]] * 4  # D_1..D_4 after step 4, one sample: a straight trajectory
+    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.5)).decide(flat, [None] * 5, 1) == [True]
+    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.0)).decide(flat, [None] * 5, 1) == [False]
+    shared = CriterionPolicy(AdaptiveSkipConfig(threshold=0.5, per_sample=False))
+    assert shared.decide([1.0] * 4, [False] * 5, 1) is True and not shared.per_sample
