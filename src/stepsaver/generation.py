@@ -11,6 +11,7 @@ it published. It works for UNet and transformer denoisers alike.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 from stepsaver.calls import count_denoiser_calls, take_call_report
 from stepsaver.errors import StepsaverError
 
-__all__ = ["MAX_STEPS", "GenerationResult", "generate", "generate_images", "validate_request"]
+__all__ = ["MAX_SEED", "MAX_STEPS", "GenerationResult", "generate", "generate_images", "validate_request",
+           "validate_seed"]
 
 MAX_STEPS = 1000
 
@@ -61,14 +63,31 @@ class GenerationResult:
                 "scheduler": self.scheduler, **self.extra}
 
 
-def validate_request(prompt: str, steps: int, guidance: float) -> None:
+def validate_request(prompt: str, steps: int, guidance: float, guidance_rescale: float = 0.0) -> None:
     """Reject what a user can get wrong before any model work starts (one-line errors)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise StepsaverError("prompt is empty; pass the text to draw, e.g. 'a cat on a blue background'")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StepsaverError(f"prompt is not valid Unicode text (character {exc.start} is a lone surrogate "
+                             f"{prompt[exc.start]!r}); remove it or re-encode the text") from None
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0 or steps > MAX_STEPS:
         raise StepsaverError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps}")
-    if guidance < 0:
-        raise StepsaverError(f"guidance must be >= 0 (0 or 1 disables CFG), got {guidance}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise StepsaverError(f"guidance must be a finite number >= 0 (0 or 1 disables CFG), got {guidance}")
+    if not 0.0 <= guidance_rescale <= 1.0:  # also refuses nan
+        raise StepsaverError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
+
+def validate_seed(seed: int | None) -> None:
+    """A seed is an integer in 0..2^63-1 (or None: draw one)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise StepsaverError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
 
 
 def _seeds(seeds: int | Sequence[int | None] | None, n: int) -> list[int]:
@@ -76,6 +95,8 @@ def _seeds(seeds: int | Sequence[int | None] | None, n: int) -> list[int]:
     if seeds is None or isinstance(seeds, int):
         seeds = [seeds] * n
     seeds = list(seeds)
+    for s in seeds:
+        validate_seed(s)
     if len(seeds) != n:
         raise StepsaverError(f"got {len(seeds)} seeds for {n} prompts; pass one seed per prompt or a single seed")
     return [torch.Generator("cpu").seed() % 2**63 if s is None else int(s) for s in seeds]
@@ -121,9 +142,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], steps: int | StepChooser 
                 results[i] = r
         return [r for r in results if r is not None]
     for prompt in prompts:
-        validate_request(prompt, steps, guidance)
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise StepsaverError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+        validate_request(prompt, steps, guidance, guidance_rescale)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise StepsaverError(f"batch size must be an integer >= 1, got {batch_size!r}")
     seed_list = _seeds(seeds, len(prompts))

@@ -40,6 +40,8 @@ def test_fid_is_zero_against_itself_large_against_shift_and_monotone_in_blur(sce
 def test_fid_input_errors(scenes):
     with pytest.raises(StepsaverError, match="at least 2"):
         fidmod.fid_kid(scenes[:1], scenes[:1])
+    with pytest.raises(StepsaverError, match="KID needs at least 4"):
+        fidmod.kid_from_features(torch.rand(3, 2048), torch.rand(3, 2048))
     with pytest.raises(StepsaverError, match="uint8"):
         fidmod.extractor()(torch.rand(1, 3, 64, 64))
 
@@ -47,7 +49,7 @@ def test_fid_input_errors(scenes):
 def test_psnr_and_ssim_order_distortions(scenes):
     x = scenes[:8]
     assert torch.isinf(psnr(x, x)).all() or (psnr(x, x) > 90).all()
-    torch.testing.assert_close(ssim(x, x), torch.ones(8), atol=2e-3, rtol=0)  # float32 variance cancellation
+    torch.testing.assert_close(ssim(x, x), torch.ones(8, dtype=torch.float64), atol=1e-9, rtol=0)  # float64
     mild, strong = _blur(x, 0.7), _blur(x, 2.0)
     assert (psnr(x, mild) > psnr(x, strong)).all()
     assert (ssim(x, mild) > ssim(x, strong)).all()
@@ -55,3 +57,47 @@ def test_psnr_and_ssim_order_distortions(scenes):
     assert float(psnr(x, noise).mean()) == pytest.approx(22.4, abs=1.5)  # 20/255 noise -> ~22 dB
     with pytest.raises(StepsaverError, match="differ in shape"):
         psnr(x, x[:, :32])
+
+
+def test_fid_resize_is_tf1_legacy_bilinear_not_half_pixel():
+    x = torch.tensor([[[[0.0, 10.0]]]]).expand(1, 1, 2, 2).clone()  # columns 0 and 10
+    out = fidmod.tf_resize_bilinear(x, 4)
+    # TF1 resize_bilinear(align_corners=False): source = dst * in/out = 0, 0.5, 1, 1.5 (clamped)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 5.0, 10.0, 10.0]))
+    half_pixel = torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(half_pixel[0, 0, 0], torch.tensor([0.0, 2.5, 7.5, 10.0]))  # what it used to do
+    big = torch.rand(2, 3, 64, 64)
+    assert fidmod.tf_resize_bilinear(big, 299).shape == (2, 3, 299, 299)
+    torch.testing.assert_close(fidmod.tf_resize_bilinear(big, 64), big)  # identity at the same size
+
+
+def test_feature_cache_is_keyed_by_network_and_resize(scenes, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPSAVER_CACHE", str(tmp_path))
+    fidmod.features(scenes[:4], cache=True)
+    monkeypatch.setattr(fidmod, "RESIZE", "another-resize")
+    fidmod.features(scenes[:4], cache=True)
+    monkeypatch.setattr(fidmod, "_NETWORK_DIGEST", "another-network")
+    fidmod.features(scenes[:4], cache=True)
+    assert len(list((tmp_path / "fid").glob("*.pt"))) == 3  # no stale reuse across either
+
+
+def test_kid_std_is_a_real_spread_at_small_n():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(60, 2048, generator=g), torch.randn(60, 2048, generator=g) + 0.3
+    _, std = fidmod.kid_from_features(real, fake)
+    assert std > 1e-4  # subsets of the whole set gave ~1e-9 (rounding noise)
+
+
+def test_ssim_is_float64_where_labels_decide():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=g, dtype=torch.float64)
+    y = (x + 1e-3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    x32, y32 = x.float(), y.float()
+    reference = structural_similarity_index_measure(x32.double(), y32.double(), data_range=1.0, reduction="none")
+    float32 = structural_similarity_index_measure(x32, y32, data_range=1.0, reduction="none").double()
+    ours = ssim(x32, y32)
+    assert ours.dtype == torch.float64 and (ours - reference).abs().max() < 1e-12
+    assert (float32 - reference).abs().max() > 1e-8  # what float32 arithmetic used to cost
+

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from stepsaver.errors import StepsaverError
+from stepsaver.jsonsafe import finite
 from stepsaver.skip.config import AdaptiveSkipConfig
 
 __all__ = ["Method", "SkipBenchConfig", "bench_skip", "peak_memory_bytes", "targets"]
@@ -817,22 +818,11 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     extra = {"config": dataclasses.asdict(cfg), "targets": verdicts, "ablation_grid": grid,
              "ablation_steps": steps_rows, "timing": timing, "oracle": oracle, "seconds": elapsed,
              "per_image": {f"{r['scheduler']}/{r['key']}": {**r["per_image"], "paths": r["paths"]} for r in rows}}
-    extra = _finite(extra)  # strict JSON: a nan p-value (degenerate chi-squared table) becomes null
-    paths = write_report("skip", _finite(table_rows),
+    extra = finite(extra)  # strict JSON: a nan p-value (degenerate chi-squared table) becomes null
+    paths = write_report("skip", finite(table_rows),
                          title="Skip: AdaptiveDiffusion vs baselines on the embedded model", summary=summary,
                          extra=extra, plots=plots, out_dir=out, columns=COLUMNS)
     md = paths["md"].read_text().replace("| None ", "| – ")
     paths["md"].write_text(md)
     return {"rows": table_rows, "targets": verdicts, "seconds": elapsed, "json": str(paths["json"]),
             "md": str(paths["md"]), "plots": [str(p) for p in plots]}
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (nan, inf) replaced by ``None``, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

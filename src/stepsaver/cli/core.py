@@ -8,6 +8,7 @@ import typer
 
 from stepsaver.cli.render import Col, JsonOpt, command, emit, emit_rows
 from stepsaver.errors import StepsaverError
+from stepsaver.files import check_output_file, write_atomically
 from stepsaver.skip.config import AdaptiveSkipConfig
 
 app = typer.Typer(no_args_is_help=True)
@@ -38,15 +39,16 @@ def generate(
 ) -> None:
     """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
     from stepsaver.generation import generate as run_generate
-    from stepsaver.generation import validate_request
+    from stepsaver.generation import validate_request, validate_seed
     from stepsaver.pipelines import load_pipeline, scheduler_spec
     from stepsaver.predict import resolve_steps
 
+    validate_request(prompt, 1, guidance, guidance_rescale)  # fail fast, before loading weights or the recommender
+    validate_seed(seed)
     n_steps, auto = resolve_steps(prompt, steps, recommender, confidence)
-    validate_request(prompt, n_steps, guidance)  # fail fast, before loading any weights
+    validate_request(prompt, n_steps, guidance)
     scheduler_spec(scheduler)
-    if out.suffix.lower() != ".png":
-        raise StepsaverError(f"--out must be a .png path, got {out}")
+    check_output_file(out, ".png")  # before generating: an unwritable path must not cost a generation
     skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips) if skip else None  # validates first
     pipe = load_pipeline(model, scheduler=scheduler, device=device)
     if skip_config is not None:
@@ -56,8 +58,7 @@ def generate(
     result = run_generate(pipe, prompt, steps=n_steps, seed=seed, guidance=guidance,
                           guidance_rescale=guidance_rescale)
     result.extra.update(auto)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
+    write_atomically(out, lambda tmp: result.image.save(tmp, format="PNG"))
     emit({**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}, as_json, "generated")
 
 

@@ -8,7 +8,6 @@ this module draws them (``--json`` prints the library's rows themselves). A
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stepsaver.errors import StepsaverError
+from stepsaver.jsonsafe import dumps
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -55,7 +55,7 @@ def command(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except StepsaverError as exc:
             if kwargs.get("as_json"):
-                print(json.dumps({"error": str(exc)}))
+                print(dumps({"error": str(exc)}))
             err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
@@ -70,7 +70,7 @@ def log_to_stderr(as_json: bool) -> Callable[[str], None]:
 def emit(payload: dict, as_json: bool, title: str) -> None:
     """A key/value result: one JSON object, or a two-column table."""
     if as_json:
-        print(json.dumps(payload, default=str))
+        print(dumps(payload, default=str))
         return
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in payload.items():
@@ -97,7 +97,7 @@ def emit_rows(rows: Sequence[dict], columns: Sequence[Col], as_json: bool, title
               payload: Any = None, notes: Sequence[str] = ()) -> None:
     """A table of ``rows`` (and ``notes`` below it), or ``payload`` (default: the rows) as JSON."""
     if as_json:
-        print(json.dumps({"rows": list(rows)} if payload is None else payload, default=str))
+        print(dumps({"rows": list(rows)} if payload is None else payload, default=str))
         return
     table = Table(*[c.header for c in columns], title=title, title_justify="left")
     for row in rows:

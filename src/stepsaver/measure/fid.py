@@ -7,13 +7,17 @@ imported, it pulls OpenCV). It is the TensorFlow FID Inception graph: input 299x
 ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` take it as a custom feature
 extractor, so the Frechet and MMD math is theirs, not ours.
 
-Resize convention: images (uint8) of any size are upsampled to 299x299 with bilinear
-interpolation (``align_corners=False``, no antialiasing, as the TF graph's own resize did),
-in float, before the ``(x - 128) / 128`` scaling. FID on 64x64 scenes is therefore comparable
-between methods measured here, not with FIDs of other papers.
+Resize convention: images (uint8) of any size are resized to 299x299 the way the TF-FID graph's
+``tf.image.resize_bilinear`` did (TF1's legacy mapping: source coordinate = output coordinate x
+in/out, no half-pixel centres, no antialiasing), in float, before the ``(x - 128) / 128``
+scaling (:func:`tf_resize_bilinear`). PyTorch's ``interpolate(align_corners=False)`` uses
+half-pixel centres instead, which alone moved FID on 64 px images by 0.2-1% from the reference
+implementation. FID on 64x64 scenes is comparable between methods measured here, not with FIDs of
+other papers.
 
-Real-set features are cached on disk keyed by a hash of the images' bytes, so a benchmark
-that compares ten methods against the same real scenes encodes them once.
+Real-set features are cached on disk keyed by a hash of the images' bytes, the network file and
+the resize convention, so a benchmark that compares ten methods against the same real scenes
+encodes them once, and features of another network or resize are never reused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stepsaver.errors import StepsaverError
 
@@ -71,8 +74,30 @@ class InceptionFeatures(torch.nn.Module):
         if images.dtype != torch.uint8:
             raise StepsaverError("FID expects uint8 images (0..255); convert with (x * 255).round().byte()")
         if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = tf_resize_bilinear(x, 299)
         return self.net((x - 128.0) / 128.0).float()
+
+
+RESIZE = "tf1-resize-bilinear-legacy"  # part of the feature cache key
+
+
+def _legacy_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of TF1's legacy bilinear resize along one axis (src = dst * in/out)."""
+    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo.double()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - frac
+    m[torch.arange(n_out), hi] += frac
+    return m.to(device=device, dtype=dtype)
+
+
+def tf_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float ``[N, C, H, W]`` to ``size x size`` as TF1's ``resize_bilinear`` (``align_corners=False``)."""
+    rows = _legacy_matrix(x.shape[-2], size, x.dtype, x.device)
+    cols = _legacy_matrix(x.shape[-1], size, x.dtype, x.device)
+    return rows @ x @ cols.T
 
 
 def to_uint8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -85,6 +110,15 @@ def to_uint8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 _EXTRACTOR: InceptionFeatures | None = None
+_NETWORK_DIGEST: str | None = None
+
+
+def _network_digest() -> str:
+    """Hash of the Inception TorchScript file (read once per process): keys cached features to it."""
+    global _NETWORK_DIGEST
+    if _NETWORK_DIGEST is None:
+        _NETWORK_DIGEST = hashlib.sha256(inception_path().read_bytes()).hexdigest()[:16]
+    return _NETWORK_DIGEST
 
 
 def extractor() -> InceptionFeatures:
@@ -99,7 +133,9 @@ def features(images: np.ndarray | torch.Tensor, batch: int = 32, cache: bool = F
     x = to_uint8_nchw(images)
     path = None
     if cache:
-        key = hashlib.sha256(x.numpy().tobytes()).hexdigest()[:20] + f"-{tuple(x.shape)}"
+        digest = hashlib.sha256(x.numpy().tobytes())
+        digest.update(f"{_network_digest()}|{RESIZE}".encode())
+        key = digest.hexdigest()[:20] + f"-{tuple(x.shape)}"
         path = _cache_dir() / f"{key}.pt"
         if path.exists():
             return torch.load(path)
@@ -124,10 +160,17 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50) -> tuple[float, float]:
-    """KID (mean, std over subsets) between two feature sets, computed by torchmetrics."""
+    """KID (mean, std over subsets) between two feature sets, computed by torchmetrics.
+
+    Subsets hold half the smaller set (at most 1000, the KID paper's size): a subset as large as
+    the set draws the whole set every time, and the std over subsets is then rounding noise.
+    """
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    size = min(len(real), len(fake), 1000)
+    n = min(len(real), len(fake))
+    if n < 4:
+        raise StepsaverError(f"KID needs at least 4 images per set (subsets of half the set), got {n}")
+    size = min(n // 2, 1000)
     metric = KernelInceptionDistance(feature=extractor(), subsets=subsets, subset_size=size)
     metric.update(real, real=True)
     metric.update(fake, real=False)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stepsaver.errors import StepsaverError
+from stepsaver.files import exclusive_folder, write_atomically
 from stepsaver.predict.rules import DEFAULT_TAU, check_grid, converged, first_decline
 
 PAPER_GRID = tuple(range(10, 101, 10))
@@ -166,7 +167,15 @@ class LabelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / META_FILE
         if meta_path.exists():
-            saved = json.loads(meta_path.read_text())
+            try:
+                saved = json.loads(meta_path.read_text(encoding="utf-8"))
+                if not isinstance(saved, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError):
+                raise StepsaverError(
+                    f"{meta_path} is empty or corrupt, so the settings of the labels beside it are unknown; "
+                    f"{self.path.name} is untouched. If they were made with the settings you are asking for, "
+                    "delete meta.json and rerun (it is rewritten); otherwise label into a new --out folder") from None
             asked = self.config.identity()
             if "weights" not in saved and asked["weights"] is not None:
                 raise StepsaverError(
@@ -180,7 +189,7 @@ class LabelStore:
                 raise StepsaverError(f"{self.root} holds labels made with other settings {diff} (saved, asked){hint}; "
                                      "use a new --out folder or the same settings")
         else:
-            meta_path.write_text(json.dumps(self.config.identity(), indent=1))
+            write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(self.config.identity(), indent=1)))
         self.done = {row["prompt"] for row in self.rows()}
 
     @property
@@ -259,6 +268,14 @@ def label_prompts(prompts: Sequence[str], out: str | Path, config: LabelConfig =
     """
     if batch < 1 or workers < 1:
         raise StepsaverError(f"batch and workers must be >= 1, got batch={batch}, workers={workers}")
+    with exclusive_folder(out, "labelling run"):
+        return _label_into(prompts, out, config, batch=batch, workers=workers, device=device,
+                           ray_address=ray_address, on_batch=on_batch, pipe=pipe, save_images=save_images)
+
+
+def _label_into(prompts: Sequence[str], out: str | Path, config: LabelConfig, *, batch: int, workers: int,
+                device: str, ray_address: str | None, on_batch: Callable[[int], None] | None, pipe,
+                save_images: bool) -> LabelStore:
     store = LabelStore(Path(out), config)
     unique = list(dict.fromkeys(p.strip() for p in prompts if p and p.strip()))
     todo = [p for p in unique if p not in store.done]

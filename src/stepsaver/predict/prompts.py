@@ -16,33 +16,54 @@ PROMPT_COLUMNS = ("prompt", "Prompt", "Prompts", "prompts", "caption", "text", "
 FORMATS = (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 
-def _pick_column(columns: list[str], column: str | None, path: Path) -> str:
+def _pick_column(columns: list[str], column: str | None, path: Path, where: str = "") -> str:
+    at = f"{path}, {where}" if where else str(path)
     if column is not None:
         if column not in columns:
-            raise StepsaverError(f"{path}: no column {column!r}; columns are {columns}")
+            raise StepsaverError(f"{at}: no column {column!r}; columns are {columns}")
         return column
     for name in PROMPT_COLUMNS:
         if name in columns:
             return name
-    raise StepsaverError(f"{path}: no prompt column found among {columns}; name one with --column")
+    raise StepsaverError(f"{at}: no prompt column found among {columns}; name one with --column")
+
+
+def _prompt_of(obj: object, column: str | None, path: Path, where: str) -> str:
+    """The prompt of one JSON/JSONL item: a string, or an object's prompt column holding a string."""
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        raise StepsaverError(f"{path}, {where}: expected a string or an object, got {type(obj).__name__}")
+    value = obj[_pick_column(list(obj), column, path, where)]
+    if not isinstance(value, str):
+        raise StepsaverError(f"{path}, {where}: the prompt is {json.dumps(value)[:40]}, not a string; "
+                             "fix or remove that row")
+    return value
 
 
 def _read_delimited(path: Path, column: str | None, delimiter: str) -> list[str]:
+    # strict: a quote left open to the end of the file is an error instead of one huge field that
+    # silently swallows every row after it
     with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
-            header = next(reader)
-        except StopIteration:
-            return []
-        idx = header.index(_pick_column(header, column, path))
-        out = []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) <= idx:
-                raise StepsaverError(f"{path}, line {reader.line_num}: {len(row)} fields, expected at least "
-                                     f"{idx + 1} (header has {len(header)})")
-            out.append(row[idx])
+            try:
+                header = next(reader)
+            except StopIteration:
+                return []
+            idx = header.index(_pick_column(header, column, path))
+            out = []
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) <= idx:
+                    raise StepsaverError(f"{path}, line {reader.line_num}: {len(row)} fields, expected at least "
+                                         f"{idx + 1} (header has {len(header)})")
+                out.append(row[idx])
+        except csv.Error as exc:
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            raise StepsaverError(f"{path}, line {reader.line_num}: unreadable {kind} ({exc}); check for an unclosed "
+                                 "quote or an oversized field") from None
         return out
 
 
@@ -56,13 +77,23 @@ def _read_jsonl(path: Path, column: str | None) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise StepsaverError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(obj, str):
-                out.append(obj)
-            elif isinstance(obj, dict):
-                out.append(str(obj[_pick_column(list(obj), column, path)]))
-            else:
-                raise StepsaverError(f"{path}, line {lineno}: expected a string or an object, got {type(obj).__name__}")
+            out.append(_prompt_of(obj, column, path, f"line {lineno}"))
     return out
+
+
+def _read_parquet(path: Path, column: str | None) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise StepsaverError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
+    values = table.column(_pick_column(table.column_names, column, path)).to_pylist()
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise StepsaverError(f"{path}, row {row}: the prompt is {value!r}, not a string; fix or remove that row")
+    return values
 
 
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
@@ -82,12 +113,9 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
                 raise StepsaverError(f"{path}: expected a JSON list of prompts or objects")
-            raw = [d if isinstance(d, str) else str(d[_pick_column(list(d), column, path)]) for d in data]
+            raw = [_prompt_of(d, column, path, f"item {i}") for i, d in enumerate(data)]
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            raw = [str(v) for v in table.column(_pick_column(table.column_names, column, path)).to_pylist()]
+            raw = _read_parquet(path, column)
         else:
             raise StepsaverError(f"{path}: unknown prompts format {suffix!r}; use one of {', '.join(FORMATS)}")
     except UnicodeDecodeError as exc:
