@@ -294,3 +294,21 @@ def bench_label_workers_cmd(
     emit_rows(result["rows"], [Col("workers", "workers"), Col("prompts/h", "prompts_per_hour", "{:.0f}"),
                                Col("speedup", "speedup", "{:.2f}x"), Col("labels equal", "labels_equal_to_1_worker")],
               as_json, "label workers", payload=result)
+
+
+@app.command("reliability")
+@command
+def bench_reliability_cmd(
+    service: bool = typer.Option(True, "--service/--no-service", help="Also send bad requests to the real app."),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Every known bad input and fault, tried on the CLI, files, label store, instruments and service."""
+    from stepsaver.bench.reliability import bench_reliability
+
+    result = bench_reliability(out_dir=out_dir, service=service)
+    emit_rows(result["rows"], [Col("area", "area"), Col("input", "input"), Col("outcome", "outcome"),
+                               Col("as designed", "as_designed"), Col("detail", lambda r: r["detail"][:70])],
+              as_json, "reliability", payload={k: result[k] for k in ("rows", "counts", "summary")},
+              notes=[result["summary"]])
+
