@@ -379,15 +379,43 @@ def test_bad_pipelines_and_double_enabling_leave_nothing_behind(pipe, monkeypatc
     assert disable_adaptive_skip(pipe) is True and disable_adaptive_skip(pipe) is False
 
 
-def test_two_denoiser_calls_in_one_scheduler_step_are_refused(pipe):
-    enable_adaptive_skip(pipe)
-    pipe.scheduler.set_timesteps(4)
-    sample = torch.randn(1, 4, 16, 16)
-    context = torch.randn(1, 8, pipe.unet.config.cross_attention_dim)
-    t = pipe.scheduler.timesteps[0]
-    pipe.unet(sample, t, encoder_hidden_states=context)
-    with pytest.raises(StepsaverError, match="called twice within one scheduler step"):
-        pipe.unet(sample, t, encoder_hidden_states=context)
+def _split_cfg_loop(pipe, steps, reuse=()):
+    """A denoising loop that calls the denoiser twice a step (cond, then uncond), as Flux's true CFG does.
+
+    Steps in ``reuse`` take both outputs of the previous step instead of calling the network.
+    """
+    sched = pipe.scheduler
+    cond_e, uncond_e = pipe.encode_prompt("a cat on the left, blue background", "cpu", 1, True, "")
+    sched.set_timesteps(steps)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    outs = None
+    with torch.inference_mode():
+        for i, t in enumerate(sched.timesteps):
+            xin = sched.scale_model_input(x, t)
+            if i not in reuse:
+                outs = (pipe.unet(xin, t, encoder_hidden_states=cond_e).sample,
+                        pipe.unet(xin, t, encoder_hidden_states=uncond_e).sample)
+            eps = outs[1] + 5.0 * (outs[0] - outs[1])
+            x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def test_pipelines_that_split_cfg_into_two_calls_reuse_each_call_by_position(embedded_pipe):
+    plain = _split_cfg_loop(embedded_pipe, 12)
+    enable_adaptive_skip(embedded_pipe, AdaptiveSkipConfig(threshold=0.0))
+    try:
+        assert torch.equal(_split_cfg_loop(embedded_pipe, 12), plain)  # threshold 0: bit-identical
+    finally:
+        disable_adaptive_skip(embedded_pipe)
+    enable_adaptive_skip(embedded_pipe, AdaptiveSkipConfig(threshold=0.5))
+    try:
+        skipped = _split_cfg_loop(embedded_pipe, 12)
+        report = skip_report(embedded_pipe)
+    finally:
+        disable_adaptive_skip(embedded_pipe)
+    assert report.pipeline_calls == 24 and report.calls_saved == 2 * len(report.skipped_steps()) > 0
+    # one decision per step covers both calls, and each reuses its own position's output (cond/uncond)
+    assert torch.equal(skipped, _split_cfg_loop(embedded_pipe, 12, reuse=set(report.skipped_steps())))
 
 
 def test_generate_after_disabling_counts_plain_calls(embedded_pipe):

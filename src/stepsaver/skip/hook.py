@@ -42,8 +42,15 @@ How it is wired (decisions worth knowing):
   answered from the cache), and the report is published to the core
   (:func:`stepsaver.calls.publish_call_report`), which is how ``generate`` learns each image's
   calls without importing Skip.
-* **One call per step.** A pipeline that calls the denoiser twice between two ``scheduler.step``
-  calls (separate cond/uncond passes) is not supported and raises :class:`StepsaverError`.
+* **Several calls per step.** A pipeline may call the denoiser more than once between two
+  ``scheduler.step`` calls (Flux's true CFG: cond, then uncond). The decision is made once per
+  scheduler step and each call is cached and reused by its position within the step.
+* **A sample is one image or one video.** Video pipelines (TextToVideoSD, I2VGenXL) step the
+  scheduler on ``batch * frames`` rows; the hook reads the frame count from the denoiser's 5-D
+  input, so a video follows one path and its CFG rows are never split by frame. Pipelines that
+  step the scheduler on CFG-duplicated latents (DiT) count one sample per image, not per CFG row.
+* **The report records what ran.** A step the policy marked skippable but that had to compute
+  (no cached output yet, or another hook changed the row count) is reported as computed.
 """
 
 from __future__ import annotations
@@ -124,8 +131,23 @@ class SkipReport:
         """Calls of the pipeline that ``sample`` got from the cache."""
         return self.sample_saved[sample] if self.sample_saved else self.calls_saved
 
+    def why_no_savings(self) -> str:
+        """Why a call saved nothing ('' when it saved some): the reason a user would look for."""
+        if self.calls_saved:
+            return ""
+        if self.threshold == 0 or self.max_skips == 0:
+            return "calls saved 0 because threshold or max_skips is 0 (skipping off)"
+        if self.steps <= self.warmup:
+            return (f"calls saved 0 because {self.steps} steps <= warmup {self.warmup}: the first {self.warmup} "
+                    "steps always run the denoiser")
+        return (f"calls saved 0 because no step after the {self.warmup} warm-up steps met the threshold "
+                f"{self.threshold}: few-step schedulers (LCM, Turbo, 4-8 steps) move the latent too much per step "
+                "for the third-order test; raise the threshold or use more steps")
+
     def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "threshold": self.threshold, "max_skips": self.max_skips, "steps": self.steps,
+        note = {"note": self.why_no_savings()} if not self.calls_saved else {}
+        return {**note, "mode": self.mode, "threshold": self.threshold, "max_skips": self.max_skips,
+                "steps": self.steps,
                 "batch_size": self.batch_size, "pipeline_calls": self.pipeline_calls,
                 "denoiser_calls": self.denoiser_calls, "calls_saved": self.calls_saved,
                 "rows_requested": self.rows_requested, "rows_computed": self.rows_computed,
@@ -142,21 +164,37 @@ class _SkipState(BaseState):
     def reset(self, generation: int = -1) -> None:
         self.generation = generation
         self.active = True
-        self.batch: int | None = None  # B, the latents' batch (known from the first scheduler.step)
+        self.batch: int | None = None  # samples: images or videos (known from the first scheduler.step)
+        self.frames: int | None = None  # frames per sample (5-D video denoiser input), else 1
+        self.duplicated = False  # the scheduler steps on [x; x] CFG copies of the latents (DiT)
         self.diffs: list[Any] = []  # D_1.. : [B] float lists (per sample), floats (shared), 0-dim tensors (compat)
         self.path: list[Any] = [None]  # decision per step; None = compute all (step 0 / warmup before B known)
         self.started = 0  # steps that have seen a denoiser call
         self.step_open = False
         self.calls_since_step = 0
-        self.cache: torch.Tensor | None = None  # raw denoiser output of the whole batch
-        self.rebuild: Callable[[torch.Tensor], Any] | None = None
+        self.cache: dict[int, torch.Tensor] = {}  # raw denoiser output per call position within the step
+        self.rebuild: dict[int, Callable[[torch.Tensor], Any]] = {}
+        self.step_ran: list[list[bool] | bool] = []  # per started step: which samples ran the network
         self.prev_latent: torch.Tensor | None = None
         self.pipeline_calls = self.denoiser_calls = self.rows_requested = self.rows_computed = 0
         self.call_log: list[list[bool] | bool] = []  # per pipeline call: rows computed, per sample or for all
 
     def release(self) -> None:
-        self.cache = self.rebuild = self.prev_latent = None
+        self.cache, self.rebuild, self.prev_latent = {}, {}, None
         self.active = False
+
+    def samples_of(self, latent_rows: int) -> int:
+        """Samples in a latent batch of ``latent_rows`` rows (CFG copies and frames folded in)."""
+        rows = latent_rows // 2 if self.duplicated else latent_rows
+        frames = self.frames or 1
+        return rows // frames if rows % frames == 0 else rows
+
+    def per_sample_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[samples, ...]``: one row per image or video (frames flattened in, the CFG copy dropped)."""
+        samples = self.samples_of(latent.shape[0])
+        if self.duplicated:
+            latent = latent[: latent.shape[0] // 2]
+        return latent.reshape(samples, -1)
 
 
 def split_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
@@ -185,11 +223,26 @@ def _rows_of(value: Any, rows: int, index: torch.Tensor) -> Any:
     return value
 
 
-def _batch_of(args: tuple, kwargs: dict) -> int:
+# Pipelines whose loop steps the scheduler on CFG copies [x; x] of the latents: one sample per pair.
+CFG_DUPLICATED_LATENTS = frozenset({"DiTPipeline"})
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     first = args[0] if args else next((kwargs[k] for k in ("sample", "hidden_states", "x") if k in kwargs), None)
     if not isinstance(first, torch.Tensor) or first.ndim == 0:
         raise StepsaverError("adaptive skip could not find the denoiser's batched input (sample/hidden_states)")
-    return first.shape[0]
+    return first
+
+
+def _union(a: list[bool] | bool, b: list[bool] | bool) -> list[bool] | bool:
+    """Samples that ran in either of two calls of one step (``True``/``False`` stand for all/none)."""
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a or b
+    if isinstance(a, bool):
+        return [True] * len(b) if a else list(b)
+    if isinstance(b, bool):
+        return [True] * len(a) if b else list(a)
+    return [x or y for x, y in zip(a, b, strict=True)]
 
 
 def _prev_sample(out: Any) -> torch.Tensor | None:
@@ -308,7 +361,16 @@ class AdaptiveSkipHook(ModelHook):
         state.calls_since_step = 0
         sample = kwargs.get("sample", args[2] if len(args) > 2 else None)
         if state.batch is None and isinstance(sample, torch.Tensor) and sample.ndim:
-            state.batch = sample.shape[0]
+            self._learn_batch(sample)
+
+    def _learn_batch(self, latent: torch.Tensor) -> None:
+        """Samples of this call, from the first latents the scheduler steps on."""
+        state, pipe = self.state, self._pipe()
+        rows = latent.shape[0]
+        if type(pipe).__name__ in CFG_DUPLICATED_LATENTS and rows % 2 == 0 and \
+                torch.equal(latent[: rows // 2], latent[rows // 2:]):
+            state.duplicated = True
+        state.batch = state.samples_of(rows)
 
     def _after_step(self, scheduler: Any, out: Any) -> None:
         state = self.state
@@ -318,7 +380,7 @@ class AdaptiveSkipHook(ModelHook):
         if latent is None or latent.ndim == 0:
             return
         if state.batch is None:
-            state.batch = latent.shape[0]
+            self._learn_batch(latent)
         if not (self.config.compat or getattr(scheduler, "state_in_first_order", True)):
             self._publish()
             return  # first half of a second-order step: the step is not complete yet
@@ -327,7 +389,8 @@ class AdaptiveSkipHook(ModelHook):
             if self.config.compat:
                 state.diffs.append((latent - state.prev_latent).abs().mean())  # official: latents' dtype
             else:
-                d = latent_difference(latent, state.prev_latent, per_sample=self.config.per_sample)
+                d = latent_difference(state.per_sample_latent(latent), state.per_sample_latent(state.prev_latent),
+                                      per_sample=self.config.per_sample)
                 state.diffs.append(d.tolist())
         state.prev_latent = latent.detach().clone()
         state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1))
@@ -338,55 +401,56 @@ class AdaptiveSkipHook(ModelHook):
         state = self._begin_call_if_new()
         if not state.active:  # after diffusers' end-of-call reset: plain pass-through
             return self.fn_ref.original_forward(*args, **kwargs)
-        if state.calls_since_step:
-            raise StepsaverError(
-                "the denoiser was called twice within one scheduler step; adaptive skip supports pipelines "
-                "that run one (CFG-batched) denoiser call per scheduler.step")
+        position = state.calls_since_step  # 0, or 1.. for pipelines that split CFG into separate calls
         state.calls_since_step += 1
         if not state.step_open:
             state.step_open = True
             state.started += 1
-        rows = _batch_of(args, kwargs)
+            state.step_ran.append(False)
+        first = _first_input(args, kwargs)
+        rows = first.shape[0]
+        if state.frames is None:
+            state.frames = first.shape[2] if first.ndim == 5 else 1
         state.pipeline_calls += 1
         state.rows_requested += rows
         decision = state.path[-1]
-        if isinstance(decision, list):
-            skip = [bool(s) for s in decision]
+        batch = state.batch or 1
+        skip = [bool(s) for s in decision] if isinstance(decision, list) else [bool(decision)] * batch
+        cached = state.cache.get(position)
+        if cached is None or cached.shape[0] != rows or not any(skip) or (not all(skip) and rows % batch):
+            ran: list[bool] | bool = True  # nothing to reuse here (or rows that cannot be split): compute all
+            out = self._compute(state, position, rows, args, kwargs)
+        elif all(skip):
+            ran, out = False, state.rebuild[position](cached.clone())
         else:
-            skip = [bool(decision)] * (state.batch or 1)
-        if state.cache is None or state.cache.shape[0] != rows or not any(skip):
-            state.call_log.append(True)
-            return self._compute(state, rows, args, kwargs)
-        if all(skip):
-            state.call_log.append(False)
-            return state.rebuild(state.cache.clone())
-        state.call_log.append([not s for s in skip])
-        return self._compute_rows(state, rows, skip, args, kwargs)
+            ran = [not s for s in skip]
+            out = self._compute_rows(state, position, rows, skip, args, kwargs)
+        state.call_log.append(ran)
+        state.step_ran[-1] = _union(state.step_ran[-1], ran)
+        return out
 
-    def _compute(self, state: _SkipState, rows: int, args: tuple, kwargs: dict) -> Any:
+    def _compute(self, state: _SkipState, position: int, rows: int, args: tuple, kwargs: dict) -> Any:
         out = self.policy.run(state.started - 1, lambda: self.fn_ref.original_forward(*args, **kwargs))
-        main, state.rebuild = split_output(out)
-        state.cache = main.detach().clone()
+        main, state.rebuild[position] = split_output(out)
+        state.cache[position] = main.detach().clone()
         state.denoiser_calls += 1
         state.rows_computed += rows
         return out
 
-    def _compute_rows(self, state: _SkipState, rows: int, skip: list[bool], args: tuple, kwargs: dict) -> Any:
+    def _compute_rows(self, state: _SkipState, position: int, rows: int, skip: list[bool], args: tuple,
+                      kwargs: dict) -> Any:
         batch = len(skip)
-        if rows % batch:
-            raise StepsaverError(f"denoiser batch {rows} is not a multiple of the latent batch {batch}; "
-                                 "use AdaptiveSkipConfig(per_sample=False) for this pipeline")
         keep = [i for i, s in enumerate(skip) if not s]
-        index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep],
-                             device=state.cache.device)
+        cached = state.cache[position]
+        index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep], device=cached.device)
         out = self.fn_ref.original_forward(*_rows_of(args, rows, index), **_rows_of(kwargs, rows, index))
         main, _ = split_output(out)
-        full = state.cache.clone()
+        full = cached.clone()
         full[index] = main.to(full.dtype)
-        state.cache = full
+        state.cache[position] = full
         state.denoiser_calls += 1
         state.rows_computed += len(index)
-        return state.rebuild(full.clone())
+        return state.rebuild[position](full.clone())
 
     # -- diffusers' end-of-call reset and the report ---------------------------------------------
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -399,12 +463,7 @@ class AdaptiveSkipHook(ModelHook):
         if state.generation < 0:
             return None
         batch = state.batch or 1
-        computed = []
-        for decision in state.path[: state.started]:
-            if isinstance(decision, list):
-                computed.append([not s for s in decision])
-            else:
-                computed.append([not decision] * batch)
+        computed = [list(r) if isinstance(r, list) else [r] * batch for r in state.step_ran[: state.started]]
         diffs = [[float(d)] if not isinstance(d, list) else list(d) for d in state.diffs]
         ran = [[entry if isinstance(entry, bool) else entry[i] for entry in state.call_log] for i in range(batch)]
         return SkipReport(mode=cfg.mode, threshold=cfg.threshold, max_skips=cfg.max_skips, warmup=cfg.warmup,
@@ -466,7 +525,22 @@ def enable_adaptive_skip(pipe: Any, config: AdaptiveSkipConfig | None = None) ->
 
 
 def _remove_hook(denoiser: torch.nn.Module, registry: HookRegistry) -> None:
+    """Take our hook out of the registry, leaving every hook registered after it working.
+
+    diffusers 0.42.1's ``remove_hook`` points the *next* hook's ``forward`` at our original
+    forward; for a next hook with ``new_forward`` (FasterCache, FirstBlockCache, ...) that replaces
+    the hook itself, which then never runs again. Its own ``forward`` is put back and our original
+    forward handed to its ``original_forward`` instead (what its ``new_forward`` calls).
+    """
+    order = list(registry._hook_order)
+    index = order.index(HOOK_NAME)
+    ours = registry._fn_refs[index]
+    after = registry._fn_refs[index + 1] if index + 1 < len(order) else None
+    after_forward = after.forward if after is not None else None
     registry.remove_hook(HOOK_NAME, recurse=False)
+    if after is not None and after.original_forward is not None:
+        after.forward = after_forward
+        after.original_forward = ours.original_forward if ours.original_forward is not None else ours.forward
     forward = denoiser.__dict__.get("forward")
     if not registry.hooks and getattr(forward, "__func__", None) is type(denoiser).forward and \
             getattr(forward, "__self__", None) is denoiser:
