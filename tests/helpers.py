@@ -142,3 +142,303 @@ def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
         ref = [0.5 if s < conv else 0.99 for s in GRID]
         rows.append({"prompt": prompt, "steps": GRID, "ssim_next": [0.9] * 9, "ssim_ref": ref})
     return rows
+
+
+# ---- in-memory tiny pipelines of every family the Skip matrix covers ---------------------------
+# Built in code (never downloaded, never saved), each with torch.manual_seed(0) so two builds are equal
+# weight for weight. Latents are 16x16 (32 px images through the 2x VAE) unless noted.
+
+def _tiny_vae(**overrides):
+    """The 2x AutoencoderKL of ``_vae`` with config overrides (latent channels, SD3/Flux shift factors)."""
+    from diffusers import AutoencoderKL
+
+    config = dict(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=32)
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def _sd_unet(in_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16,
+                                in_channels=in_channels, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+
+
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+def _sd_components(in_channels: int = 4) -> dict:
+    import tempfile
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    return dict(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok, unet=_sd_unet(in_channels),
+                scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def build_sd15():
+    """StableDiffusionPipeline (SD-1.5 layout, the config of :func:`tiny_sd15`), in memory, DDIM."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**_sd_components())
+
+
+def build_sd_img2img():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(**_sd_components())
+
+
+def build_sd_inpaint():
+    """StableDiffusionInpaintPipeline with the 9-channel UNet (latents + mask + masked-image latents)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return StableDiffusionInpaintPipeline(**_sd_components(in_channels=9))
+
+
+def build_sd_controlnet():
+    """StableDiffusionControlNetPipeline; the ControlNet's zero convolutions get random weights so it matters."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    components = _sd_components()
+    torch.manual_seed(1)
+    controlnet = ControlNetModel(block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+                                 conditioning_embedding_out_channels=(16, 32), attention_head_dim=4,
+                                 norm_num_groups=8)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.05)
+    return StableDiffusionControlNetPipeline(controlnet=controlnet.eval(), **components)
+
+
+def _sdxl_components() -> dict:
+    import tempfile
+
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                transformer_layers_per_block=(1, 1))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    return dict(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
+                text_encoder_2=_clip_text(len(tok), projection=True), tokenizer_2=tok, unet=unet, scheduler=sched)
+
+
+def build_sdxl():
+    """StableDiffusionXLPipeline (the config of :func:`tiny_sdxl`), in memory, Euler."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**_sdxl_components())
+
+
+def build_sdxl_img2img():
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline(**_sdxl_components(), requires_aesthetics_score=False)
+
+
+def _t5_text(tok, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+
+
+def _pixart_components() -> dict:
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    tok = _t5_tokenizer()
+    text = _t5_text(tok)
+    transformer = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                           norm_eps=1e-6)
+    sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    return dict(tokenizer=tok, text_encoder=text, vae=_vae(), transformer=transformer.eval(), scheduler=sched)
+
+
+def build_pixart_alpha():
+    """PixArtAlphaPipeline (the config of :func:`tiny_pixart`); call with use_resolution_binning=False,
+    clean_caption=False, max_sequence_length=16."""
+    from diffusers import PixArtAlphaPipeline
+
+    return PixArtAlphaPipeline(**_pixart_components())
+
+
+def build_pixart_sigma():
+    from diffusers import PixArtSigmaPipeline
+
+    return PixArtSigmaPipeline(**_pixart_components())
+
+
+def build_sd3():
+    """StableDiffusion3Pipeline: two projected CLIPs (pooled 32 + 32), a T5 (joint dim 32), FlowMatchEuler."""
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    t5_tok = _t5_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip_text(len(tok), projection=True), tokenizer=tok,
+        text_encoder_2=_clip_text(len(tok), projection=True), tokenizer_2=tok,
+        text_encoder_3=_t5_text(t5_tok), tokenizer_3=t5_tok)
+
+
+def build_flux():
+    """FluxPipeline: tiny CLIP (pooled 32) + T5 (joint dim 32), 1+1 layers, 16x16 latents packed to 8x8 tokens.
+
+    Call with ``max_sequence_length=16``; ``negative_prompt`` + ``true_cfg_scale > 1`` runs true CFG
+    (two transformer calls per step).
+    """
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    t5_tok = _t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    return FluxPipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                        vae=_tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
+                        text_encoder=_clip_text(len(tok)), tokenizer=tok,
+                        text_encoder_2=_t5_text(t5_tok), tokenizer_2=t5_tok)
+
+
+def build_dit():
+    """DiTPipeline (class-conditional, 1000 classes, learned sigma), 16x16 latents, DDIM."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8)
+    return DiTPipeline(transformer=transformer.eval(), vae=_vae(), scheduler=DDIMScheduler())
+
+
+def _pixel_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=3,
+                       out_channels=3, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+
+
+def build_ddpm():
+    """DDPMPipeline: unconditional UNet2DModel on 16x16 pixels (no CFG)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.manual_seed(0)
+    return DDPMPipeline(unet=_pixel_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
+
+
+def build_ddim():
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    torch.manual_seed(0)
+    return DDIMPipeline(unet=_pixel_unet(), scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def build_text_to_video():
+    """TextToVideoSDPipeline (UNet3DConditionModel); latents (B, 4, frames, 16, 16)."""
+    import tempfile
+
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    unet = UNet3DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=8)
+    return TextToVideoSDPipeline(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok, unet=unet.eval(),
+                                 scheduler=_sd_scheduler())
+
+
+def build_i2vgenxl():
+    """I2VGenXLPipeline (I2VGenXLUNet, CLIP vision encoder). The VAE's posterior std is ~3e-7 (logvar -30),
+    so the image latents it samples with the global RNG are all but deterministic across batch layouts."""
+    import tempfile
+
+    from diffusers import I2VGenXLPipeline
+    from diffusers.models.unets import I2VGenXLUNet
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    unet = I2VGenXLUNet(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                        out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+                        attention_head_dim=4, num_attention_heads=None, norm_num_groups=8)
+    vae = _vae()
+    with torch.no_grad():  # quant_conv's second half is the log-variance
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -30.0
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        intermediate_size=37, patch_size=4)).eval()
+    return I2VGenXLPipeline(vae=vae, text_encoder=_clip_text(len(tok)), tokenizer=tok, image_encoder=image_encoder,
+                            feature_extractor=CLIPImageProcessor(crop_size=32, size=32), unet=unet.eval(),
+                            scheduler=_sd_scheduler())
+
+
+def build_ldm_text_to_image():
+    """LDMTextToImagePipeline (LDMBert text encoder, 77 tokens). It sizes latents height // 8: call at 128 px
+    for 16x16 latents; the 2x VAE then decodes them to 32 px."""
+    import tempfile
+
+    from diffusers import LDMTextToImagePipeline
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    torch.manual_seed(0)
+    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    n = len(tok)
+    bert = LDMBertModel(LDMBertConfig(vocab_size=n, d_model=32, encoder_ffn_dim=37, encoder_layers=2,
+                                      encoder_attention_heads=4, head_dim=8, max_position_embeddings=77,
+                                      pad_token_id=n - 1, bos_token_id=n - 2, eos_token_id=n - 1)).eval()
+    return LDMTextToImagePipeline(vqvae=_vae(), bert=bert, tokenizer=tok, unet=_sd_unet(), scheduler=_sd_scheduler())
+
+
+def tiny_lora_state_dict(seed: int, rank: int = 4) -> dict:
+    """A random LoRA for the attention projections of :func:`build_sd15`'s UNet, as the ``unet.``-prefixed
+    dict ``load_lora_weights`` takes.
+
+    Made through peft (``add_adapter`` with non-zero B) on a throwaway UNet of the same layout and read back
+    with ``get_peft_model_state_dict``.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _sd_unet()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config, adapter_name="tmp")
+    return {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name="tmp").items()}

@@ -14,7 +14,7 @@ from PIL import Image
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import BatchKey, GenerationEngine, QueueFull, ServeSettings, create_app
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -68,11 +68,12 @@ def test_pages_walk_a_voter_through_every_pair(study):
             page = c.get(f"/study/{sid}").text
             pair = int(re.search(r"name='pair' value='(\d+)'", page).group(1))
             left = re.search(r"name='left' value='(\w)'", page).group(1)
+            token = re.search(r"name='token' value='(\w+)'", page).group(1)
             assert pair not in seen
             seen.add(pair)
             assert c.get(f"/study/{sid}/image/{pair}/a").headers["content-type"] == "image/png"
             r = c.post(f"/study/{sid}/vote", data={"pair": pair, "left": left, "adherence": "left",
-                                                   "quality": "same"}, follow_redirects=False)
+                                                   "quality": "same", "token": token}, follow_redirects=False)
             assert r.status_code == 303
         assert "Thank you" in c.get(f"/study/{sid}").text
         res = c.get(f"/study/{sid}/results.json").json()
@@ -81,7 +82,8 @@ def test_pages_walk_a_voter_through_every_pair(study):
         assert "B wins" in c.get(f"/study/{sid}/results").text
         assert c.get(f"/study/{sid}/results.png").headers["content-type"] == "image/png"
         assert c.get("/study/nope").status_code == 404
-        bad = c.post(f"/study/{sid}/vote", data={"pair": 1, "left": "a", "adherence": "up", "quality": "same"})
+        bad = c.post(f"/study/{sid}/vote", data={"pair": 1, "left": "a", "adherence": "up", "quality": "same",
+                                                 "token": "x"})
         assert bad.status_code == 422
 
 
@@ -119,8 +121,9 @@ def test_killing_the_server_mid_study_loses_no_vote(study, tmp_path):
         with httpx.Client(base_url=base, timeout=10) as c:
             for _ in range(2):
                 page = c.get(f"/study/{sid}").text
-                pair = int(re.search(r"name='pair' value='(\d+)'", page).group(1))
-                c.post(f"/study/{sid}/vote", data={"pair": pair, "left": "a", "adherence": "left", "quality": "left"})
+                form = {k: re.search(rf"name='{k}' value='(\w+)'", page).group(1) for k in ("pair", "left", "token")}
+                r = c.post(f"/study/{sid}/vote", data={**form, "adherence": "left", "quality": "left"})
+                assert r.status_code == 303  # accepted: off to the next pair
     finally:
         proc.send_signal(signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
         proc.wait()

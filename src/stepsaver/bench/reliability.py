@@ -173,8 +173,11 @@ def service_cases() -> list[Case]:
     """Requests against the real app (shipped recommender and model), bad ones and a control."""
     big = "x" * (30 * 2**20)
     posts: list[tuple[str, str, Any, tuple[str, ...]]] = [
-        ("/v1/recommend", "prompt with a lone surrogate", '{"prompts": ["a \\ud800"]}', REFUSED),
-        ("/v1/recommend", "a 30 MB body", '{"prompts": ["' + big + '"]}', REFUSED),
+        ("/v1/recommend", "prompt with a lone surrogate", '{"prompt": "a \\ud800"}', REFUSED),
+        ("/v1/recommend", "a list holding a lone surrogate", '{"prompt": ["a cat", "a \\ud800"]}', REFUSED),
+        ("/v1/recommend", "a 30 MB body", '{"prompt": "' + big + '"}', REFUSED),
+        ("/v1/recommend", "confidence: true", {"prompt": "a cat", "confidence": True}, REFUSED),
+        ("/v1/recommend", "control: one prompt", {"prompt": "a cat, blue background"}, GOOD),
         ("/v1/generate", "steps: true", {"prompt": "a cat", "steps": True}, REFUSED),
         ("/v1/generate", 'steps: "2"', {"prompt": "a cat", "steps": "2"}, REFUSED),
         ("/v1/generate", 'skip: "yes"', {"prompt": "a cat", "steps": 2, "skip": "yes"}, REFUSED),
@@ -202,7 +205,8 @@ def service_cases() -> list[Case]:
 
     def huge_pair(_tmp: Path) -> tuple[str, str]:
         client = _client(token)
-        r = client.post("/study/x/vote", data={"pair": "99999999999999999999999", "answer": "a"})
+        r = client.post("/study/x/vote", data={"pair": "99999999999999999999999", "left": "a", "adherence": "a",
+                                               "quality": "a", "token": "t"})
         kind = "accepted" if r.status_code < 400 else "clear error" if r.status_code < 500 else "5xx"
         return kind, f"HTTP {r.status_code}: {r.text[:120]}"
 

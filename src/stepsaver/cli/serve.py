@@ -29,12 +29,13 @@ def serve(
     study_db: str | None = typer.Option(None, "--study-db", help="SQLite file of preference studies."),
 ) -> None:
     """Run the HTTP service: /v1/recommend, /v1/generate, /healthz, /metrics, /docs."""
-    from stepsaver.serve.settings import ServeSettings
+    from stepsaver.serve.settings import MIN_TOKEN_CHARS, ServeSettings
 
     settings = ServeSettings.load(config, model=model, recommender=recommender, insecure=insecure or None,
                                   workers=workers, batch_size=batch_size, queue_size=queue_size, study_db=study_db)
     if settings.token is None and not settings.insecure:
-        raise StepsaverError("no token configured: set STEPSAVER_TOKEN (or `token` in --config) to protect "
+        raise StepsaverError("no token configured (STEPSAVER_TOKEN is unset or blank): set STEPSAVER_TOKEN (or "
+                             f"`token` in --config) to at least {MIN_TOKEN_CHARS} characters to protect "
                              "/v1/generate, or pass --insecure")
     where = f"Ray Serve, {replicas} replicas" if replicas else "uvicorn"
     err_console.print(f"stepsaver serving model [bold]{settings.model}[/bold] at http://{host}:{port} ({where}); "

@@ -276,6 +276,11 @@ def validate_prompts(prompts: Sequence[str]) -> None:
             raise StepsaverError("prompt is empty; pass the text you will generate from")
         if len(p) > MAX_PROMPT_CHARS:
             raise StepsaverError(f"prompt has {len(p):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: an undecodable byte in argv, or "\ud800" in JSON
+            raise StepsaverError(f"prompt contains a lone surrogate (U+{ord(p[exc.start]):04X}) at character "
+                                 f"{exc.start}, which is not text; pass valid UTF-8") from None
 
 
 def export_onnx(model, tok, path: Path, int8: bool = True) -> Path:

@@ -6,6 +6,12 @@ Serve with ``--replicas``). Routes: ``POST /v1/recommend`` (open unless configur
 ``/docs``. The service adds no second implementation of anything: steps come from
 :class:`~stepsaver.predict.StepRecommender`, skipping from :mod:`stepsaver.skip`, images from a
 diffusers pipeline loaded by :func:`stepsaver.load_pipeline`.
+
+Every request passes :class:`ObserveMiddleware`, plain ASGI (not ``@app.middleware``, which
+hides the client's disconnect from the routes): it counts each request by route and status, and
+refuses a body over ``max_body_bytes`` with a 413 before reading it. A generate request whose
+client leaves is answered 499 (counted, never sent): its job is dropped if it has not started,
+and a running batch stops once every client in it has left or timed out (504).
 """
 
 from __future__ import annotations
@@ -38,6 +44,88 @@ from stepsaver.serve.settings import ServeSettings
 from stepsaver.skip.config import AdaptiveSkipConfig
 
 RETRY_AFTER_S = 2
+ROUTES = ("/v1/recommend", "/v1/generate", "/healthz", "/metrics")
+
+
+class ObserveMiddleware:
+    """Pure ASGI: metrics per route and status, and the request body limit (413).
+
+    A body announced (Content-Length) or found (chunked) to be over ``max_body_bytes`` is a 413
+    before any of it is parsed; otherwise the body is read here (at most the limit) and handed to
+    the app, and every later ``receive`` goes to the server untouched, so ``http.disconnect``
+    reaches the routes. A request that ends without a response (the client left) counts as 499.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status: list[int] = []
+
+        async def send_observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        code = 500  # what an exception escaping the app becomes
+        try:
+            body = await self._read_body(scope, receive)
+            if isinstance(body, int):
+                code = body
+                if code == 413:
+                    await self._too_large(scope, receive, send_observed)
+                return
+            replayed = False
+
+            async def receive_body() -> dict:
+                nonlocal replayed
+                if body is not None and not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, receive_body, send_observed)
+            code = status[0] if status else 499
+        finally:
+            self.metrics.requests.labels(route, str(status[0] if status else code)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | int | None:
+        """The whole body (None: the app reads it itself, GET/HEAD); 413 over the limit; 499 if the client left."""
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return None
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > self.max_body_bytes:
+                    return 413
+            except ValueError:
+                pass  # the server already refuses a malformed Content-Length
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 499
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return 413
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        message = (f"request body is larger than {self.max_body_bytes} bytes (max_body_bytes); "
+                   "send fewer or shorter prompts")
+        response = JSONResponse(status_code=413, content={"detail": message, "message": message},
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class FieldError(Exception):
@@ -57,8 +145,9 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
     """Build the app. ``engine``/``recommender``/``pipe_factory`` let tests inject small parts."""
     settings = settings or ServeSettings.load()
     if settings.token is None and not settings.insecure:
-        raise StepsaverError("no token configured: set STEPSAVER_TOKEN (or `token` in the config file) so "
-                             "/v1/generate is protected, or pass --insecure to serve it without one")
+        raise StepsaverError("no token configured (STEPSAVER_TOKEN is unset or blank): set STEPSAVER_TOKEN (or "
+                             "`token` in the config file) so /v1/generate is protected, or pass --insecure to serve "
+                             "it without one")
     metrics = Metrics()
     state: dict[str, Any] = {"recommender": recommender}
     # one recommender call at a time: ONNX Runtime already uses the cores, and 40 threadpool threads
@@ -95,6 +184,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
 
     app = FastAPI(title="stepsaver", version="0.1.0", lifespan=lifespan,
                   description="Spend only the denoising steps each prompt needs.")
+    app.add_middleware(ObserveMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.state.settings, app.state.engine, app.state.metrics = settings, engine, metrics
 
     def get_recommender():
@@ -113,29 +203,22 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    def abandon(future: Any) -> str:
+        """Give up on a job: 'queued' (it never runs), 'running' (its batch stops if nobody else waits), 'done'."""
+        if hasattr(engine, "abandon"):
+            return engine.abandon(future)
+        return "queued" if future.cancel() else "running"
+
     def generate_auth(request: Request) -> None:
         check_token(request, True)
 
     def recommend_auth(request: Request) -> None:
         check_token(request, settings.recommend_requires_token)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.perf_counter()
-        route = request.url.path if request.url.path in ("/v1/recommend", "/v1/generate", "/healthz",
-                                                          "/metrics") else "other"
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.requests.labels(route, str(status)).inc()
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
-
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+        errors = [{**e, "msg": "unknown field; see /docs for the fields of this request"
+                   if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")} for e in exc.errors()]
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         return JSONResponse(status_code=422, content={"detail": [{k: e[k] for k in ("loc", "msg", "type")}
                                                                  for e in errors], "message": message})
@@ -156,14 +239,16 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model, "queue_depth": engine.depth(), "busy_workers": engine.busy,
-                "workers": settings.workers, "token_set": settings.token is not None}
+        return {"status": "ok", "model": settings.model, "queue_depth": engine.depth(),
+                "queue_size": settings.queue_size, "busy_workers": engine.busy, "workers": settings.workers,
+                "token_set": settings.token is not None}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         metrics.queue_depth.set(engine.depth())
+        metrics.queue_size.set(settings.queue_size)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(recommend_auth)])
@@ -210,8 +295,9 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             future = engine.submit(body.prompt, body.seed, key)
         except QueueFull:
             metrics.rejected.inc()
+            full = f"generation queue is full ({settings.queue_size} waiting); retry later"
             return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
-                                content={"detail": "generation queue is full; retry later"})
+                                content={"detail": full, "message": full})
         waiter = asyncio.wrap_future(future)
         deadline = time.monotonic() + settings.request_timeout_s
         while True:
@@ -219,13 +305,18 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             if done:
                 break
             if await request.is_disconnected():
-                future.cancel()  # not started yet: it never runs; started: its result is dropped
-                return Response(status_code=499)
+                metrics.abandoned.labels("disconnect", abandon(future)).inc()
+                waiter.cancel()  # its outcome (a result, or JobAbandoned) is nobody's to read
+                return Response(status_code=499)  # nobody reads it; the metrics count it
             if time.monotonic() > deadline:
-                future.cancel()
-                return JSONResponse(status_code=504, content={"detail": f"generation took longer than "
-                                                                        f"{settings.request_timeout_s} s"})
-        result = waiter.result()
+                where = abandon(future)
+                if where == "done":  # finished just now: answer it after all
+                    break
+                metrics.abandoned.labels("timeout", where).inc()
+                waiter.cancel()
+                late = f"generation took longer than {settings.request_timeout_s} s"
+                return JSONResponse(status_code=504, content={"detail": late, "message": late})
+        result = await waiter
         buf = io.BytesIO()
         result.image.save(buf, format="PNG")
         info = {"steps": result.steps, "steps_source": source, "denoiser_calls": result.denoiser_calls,

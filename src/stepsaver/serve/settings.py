@@ -6,29 +6,52 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stepsaver.errors import StepsaverError
 
+MIN_TOKEN_CHARS = 16
+
 
 class ServeSettings(BaseModel):
-    """Everything the service can be told; each field has a ``STEPSAVER_<NAME>`` variable."""
+    """Everything the service can be told; each field has a ``STEPSAVER_<NAME>`` variable.
+
+    A blank ``token`` ("" or whitespace) counts as no token at all, so it is refused exactly like
+    a missing one (unless ``insecure``); a set token must be at least :data:`MIN_TOKEN_CHARS`
+    visible ASCII characters (what a client can send in an ``Authorization`` header).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "tiny"
     recommender: str = "tiny"
     token: str | None = Field(default=None, repr=False)
     insecure: bool = False  # allow /v1/generate without a token (refused otherwise)
     recommend_requires_token: bool = False
-    max_prompt_chars: int = 2000
-    max_recommend_batch: int = 256
-    queue_size: int = 32  # generate jobs waiting; one more is a 503
-    workers: int = 1  # generation threads, one pipeline each
-    batch_size: int = 8  # compatible generate requests run as one pipeline call
-    batch_wait_ms: float = 20.0
-    request_timeout_s: float = 120.0
-    max_steps: int = 200
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_recommend_batch: int = Field(256, ge=1)
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)  # a larger request body is a 413, never read
+    queue_size: int = Field(32, ge=1)  # generate jobs waiting (not yet running); one more is a 503
+    workers: int = Field(1, ge=1)  # generation threads, one pipeline each
+    batch_size: int = Field(8, ge=1)  # compatible generate requests run as one pipeline call
+    batch_wait_ms: float = Field(20.0, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_steps: int = Field(200, ge=1)
     study_db: str = "runs/study.sqlite"
     study_dir: str = "runs/studies"
+
+    @field_validator("token")
+    @classmethod
+    def _usable_token(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None  # blank is missing: refused at start-up unless --insecure
+        if len(v) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token has {len(v)} characters; use at least {MIN_TOKEN_CHARS} "
+                             "(e.g. `openssl rand -hex 16`)")
+        if not all("!" <= ch <= "~" for ch in v):
+            raise ValueError("the token must be visible ASCII characters only (no spaces, no control or "
+                             "non-ASCII characters), e.g. `openssl rand -hex 16`")
+        return v
 
     @classmethod
     def load(cls, config: str | Path | None = None, **overrides: object) -> ServeSettings:
@@ -39,9 +62,14 @@ class ServeSettings(BaseModel):
             if not path.exists():
                 raise StepsaverError(f"config file {path} does not exist")
             try:
-                data.update(json.loads(path.read_text()))
+                loaded = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise StepsaverError(f"config file {path} is not valid JSON (line {exc.lineno})") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StepsaverError(f"config file {path} cannot be read: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise StepsaverError(f"config file {path} must hold a JSON object of settings")
+            data.update(loaded)
         for name in cls.model_fields:
             value = os.environ.get(f"STEPSAVER_{name.upper()}")
             if value is not None:
@@ -49,8 +77,19 @@ class ServeSettings(BaseModel):
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             settings = cls(**data)
-        except ValueError as exc:
-            raise StepsaverError(f"bad service setting: {str(exc).splitlines()[0:3]}") from None
-        if settings.workers < 1 or settings.batch_size < 1 or settings.queue_size < 1:
-            raise StepsaverError("workers, batch_size and queue_size must be >= 1")
+        except ValidationError as exc:
+            raise StepsaverError(f"bad service setting: {describe(exc)}") from None
         return settings
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each bad setting, never echoing its value (the token is a secret)."""
+    parts = []
+    for e in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(p) for p in e["loc"]) or "settings"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown setting; known: {', '.join(ServeSettings.model_fields)}"
+        where = f" (STEPSAVER_{name.upper()})" if name in ServeSettings.model_fields else ""
+        parts.append(f"{name}{where}: {msg}")
+    return "; ".join(parts)

@@ -3,7 +3,9 @@
 A study compares two generation configurations (``"steps=50"`` vs ``"steps=auto,skip"``) on
 the same prompts and seeds. Pairs are rendered once by :func:`create_study` and kept as PNGs;
 votes go to SQLite in WAL mode, one committed transaction per vote, with one vote per voter per
-pair enforced by a UNIQUE constraint, so a server killed mid-study loses no stored vote.
+pair enforced by a UNIQUE constraint, so a server killed mid-study loses no stored vote. Voter
+ids are issued by the server and signed with a secret kept in the same database (so every
+replica and every restart agrees), see :func:`voter_secret`.
 Results are win/tie/loss rates per question with Wilson 95% intervals.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sqlite3
 import time
 import uuid
@@ -29,7 +32,9 @@ CREATE TABLE IF NOT EXISTS pairs (id INTEGER PRIMARY KEY AUTOINCREMENT, study TE
 CREATE TABLE IF NOT EXISTS votes (id INTEGER PRIMARY KEY AUTOINCREMENT, study TEXT, pair INTEGER REFERENCES pairs(id),
     voter TEXT, adherence TEXT CHECK (adherence IN ('a', 'b', 'same')),
     quality TEXT CHECK (quality IN ('a', 'b', 'same')), created REAL, UNIQUE (pair, voter));
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT);
 """
+MAX_ID = 2 ** 63 - 1  # SQLite's largest INTEGER
 
 
 def connect(db: str | Path) -> sqlite3.Connection:
@@ -40,6 +45,13 @@ def connect(db: str | Path) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=FULL")  # a committed vote survives a kill (and a power cut)
     con.executescript(SCHEMA)
     return con
+
+
+def voter_secret(con: sqlite3.Connection) -> bytes:
+    """The key that signs voter cookies and vote forms: made once per database, then shared."""
+    with con:
+        con.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES ('voter', ?)", (secrets.token_hex(32),))
+    return bytes.fromhex(con.execute("SELECT value FROM secrets WHERE name = 'voter'").fetchone()[0])
 
 
 def parse_config(spec: str) -> dict[str, Any]:
@@ -150,6 +162,8 @@ def record_vote(con: sqlite3.Connection, study: str, pair: int, voter: str, adhe
     """Store one vote (committed before returning). False if this voter already voted on the pair."""
     if adherence not in CHOICES or quality not in CHOICES:
         raise StepsaverError(f"answers must be one of {CHOICES}")
+    if isinstance(pair, bool) or not isinstance(pair, int) or not 1 <= pair <= MAX_ID:
+        raise StepsaverError(f"pair {pair} is not part of study {study!r} (pair ids are 1..{MAX_ID})")
     if con.execute("SELECT 1 FROM pairs WHERE id = ? AND study = ?", (pair, study)).fetchone() is None:
         raise StepsaverError(f"pair {pair} is not part of study {study!r}")
     try:

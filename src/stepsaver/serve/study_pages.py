@@ -1,7 +1,15 @@
-"""The study's web pages: one pair at a time, two questions, then the results."""
+"""The study's web pages: one pair at a time, two questions, then the results.
+
+One vote per voter per pair, also for clients that drop cookies: the voter id is issued by the
+server on the study page (a signed cookie) and a vote is accepted only with a valid one, and the
+vote form carries a per-page token (an HMAC of study, pair, left/right order and voter), so a
+vote must come from a page this voter was shown for this pair.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import uuid
 from pathlib import Path
@@ -33,10 +41,27 @@ def _question(name: str, text: str) -> str:
 def study_router(db: str | Path) -> APIRouter:
     router = APIRouter(prefix="/study", tags=["study"])
     con = st.connect(db)
+    secret = st.voter_secret(con)
+
+    def sign(text: str) -> str:
+        return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def known_voter(request: Request) -> str | None:
+        """The voter id of a cookie this server issued (None: no cookie, or one it never signed)."""
+        cookie = request.cookies.get(COOKIE, "")
+        voter, _, sig = cookie.partition(".")
+        return voter if voter and sig and hmac.compare_digest(sig.encode(), sign(f"voter:{voter}").encode()) else None
 
     def voter_of(request: Request) -> tuple[str, bool]:
-        voter = request.cookies.get(COOKIE)
+        voter = known_voter(request)
         return (voter, False) if voter else (uuid.uuid4().hex, True)
+
+    def set_voter(resp: Response, voter: str) -> None:
+        resp.set_cookie(COOKIE, f"{voter}.{sign(f'voter:{voter}')}", max_age=365 * 86400, httponly=True,
+                        samesite="lax")
+
+    def page_token(study: str, pair: int, left: str, voter: str) -> str:
+        return sign(f"vote:{study}:{pair}:{left}:{voter}")
 
     def study_or_404(study: str) -> dict:
         try:
@@ -65,21 +90,29 @@ def study_router(db: str | Path) -> APIRouter:
                     f"</figure></div><form method='post' action='/study/{study}/vote'>"
                     f"<input type='hidden' name='pair' value='{pair['id']}'>"
                     f"<input type='hidden' name='left' value='{left}'>"
+                    f"<input type='hidden' name='token' value='{page_token(study, pair['id'], left, voter)}'>"
                     + _question("adherence", st.QUESTIONS["adherence"]) + _question("quality", st.QUESTIONS["quality"])
                     + "<button id='submit' type='submit'>Vote</button></form>")
             resp = _page("stepsaver study", body)
         if new:
-            resp.set_cookie(COOKIE, voter, max_age=365 * 86400, httponly=True, samesite="lax")
+            set_voter(resp, voter)
         return resp
 
-    @router.post("/{study}/vote")
-    def vote(study: str, request: Request, pair: int = Form(...), left: str = Form(...),
-             adherence: str = Form(...), quality: str = Form(...)) -> Response:
+    @router.post("/{study}/vote", responses={403: {"description": "no voter cookie, or a vote form not from "
+                                                                   "this voter's page"}})
+    def vote(study: str, request: Request, pair: int = Form(..., ge=1, le=st.MAX_ID), left: str = Form(...),
+             adherence: str = Form(...), quality: str = Form(...), token: str = Form(...)) -> Response:
         study_or_404(study)
-        voter, new = voter_of(request)
+        voter = known_voter(request)
+        if voter is None:
+            raise HTTPException(status_code=403, detail=f"no voter cookie: open /study/{study} first (voting needs "
+                                                        "cookies) and vote from that page")
         if left not in ("a", "b") or adherence not in ("left", "right", "same") or quality not in ("left", "right",
                                                                                                    "same"):
             raise HTTPException(status_code=422, detail="answers must be left, right or same")
+        if not hmac.compare_digest(token.encode(), page_token(study, pair, left, voter).encode()):
+            raise HTTPException(status_code=403, detail=f"this vote form was not shown to you for pair {pair}; "
+                                                        f"reload /study/{study} and vote again")
         right = "b" if left == "a" else "a"
 
         def side(answer: str) -> str:
@@ -89,10 +122,7 @@ def study_router(db: str | Path) -> APIRouter:
             st.record_vote(con, study, pair, voter, side(adherence), side(quality))
         except StepsaverError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
-        resp = RedirectResponse(f"/study/{study}", status_code=303)
-        if new:
-            resp.set_cookie(COOKIE, voter, max_age=365 * 86400, httponly=True, samesite="lax")
-        return resp
+        return RedirectResponse(f"/study/{study}", status_code=303)
 
     @router.get("/{study}/image/{pair}/{side}")
     def image(study: str, pair: int, side: str) -> Response:
