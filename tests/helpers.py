@@ -148,6 +148,10 @@ def synthetic_rows(n: int = 240, seed: int = 0) -> list[dict]:
 # Built in code (never downloaded, never saved), each with torch.manual_seed(0) so two builds are equal
 # weight for weight. Latents are 16x16 (32 px images through the 2x VAE) unless noted.
 
+def _memory_clip_tokenizer():
+    return _clip_tokenizer(Path("."))  # the folder is not written: the vocabulary lives in memory
+
+
 def _tiny_vae(**overrides):
     """The 2x AutoencoderKL of ``_vae`` with config overrides (latent channels, SD3/Flux shift factors)."""
     from diffusers import AutoencoderKL
@@ -177,10 +181,8 @@ def _sd_scheduler():
 
 
 def _sd_components(in_channels: int = 4) -> dict:
-    import tempfile
-
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     return dict(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok, unet=_sd_unet(in_channels),
                 scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
@@ -223,12 +225,10 @@ def build_sd_controlnet():
 
 
 def _sdxl_components() -> dict:
-    import tempfile
-
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
@@ -293,12 +293,10 @@ def build_pixart_sigma():
 
 def build_sd3():
     """StableDiffusion3Pipeline: two projected CLIPs (pooled 32 + 32), a T5 (joint dim 32), FlowMatchEuler."""
-    import tempfile
-
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     t5_tok = _t5_tokenizer()
     transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
@@ -317,12 +315,10 @@ def build_flux():
     Call with ``max_sequence_length=16``; ``negative_prompt`` + ``true_cfg_scale > 1`` runs true CFG
     (two transformer calls per step).
     """
-    import tempfile
-
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     t5_tok = _t5_tokenizer()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -368,12 +364,10 @@ def build_ddim():
 
 def build_text_to_video():
     """TextToVideoSDPipeline (UNet3DConditionModel); latents (B, 4, frames, 16, 16)."""
-    import tempfile
-
     from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     unet = UNet3DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                                 up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
@@ -385,14 +379,12 @@ def build_text_to_video():
 def build_i2vgenxl():
     """I2VGenXLPipeline (I2VGenXLUNet, CLIP vision encoder). The VAE's posterior std is ~3e-7 (logvar -30),
     so the image latents it samples with the global RNG are all but deterministic across batch layouts."""
-    import tempfile
-
     from diffusers import I2VGenXLPipeline
     from diffusers.models.unets import I2VGenXLUNet
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     unet = I2VGenXLUNet(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
                         out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
@@ -412,13 +404,11 @@ def build_i2vgenxl():
 def build_ldm_text_to_image():
     """LDMTextToImagePipeline (LDMBert text encoder, 77 tokens). It sizes latents height // 8: call at 128 px
     for 16x16 latents; the 2x VAE then decodes them to 32 px."""
-    import tempfile
-
     from diffusers import LDMTextToImagePipeline
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(Path(tempfile.gettempdir()) / "_stepsaver_tok")
+    tok = _memory_clip_tokenizer()
     n = len(tok)
     bert = LDMBertModel(LDMBertConfig(vocab_size=n, d_model=32, encoder_ffn_dim=37, encoder_layers=2,
                                       encoder_attention_heads=4, head_dim=8, max_position_embeddings=77,
@@ -442,3 +432,36 @@ def tiny_lora_state_dict(seed: int, rank: int = 4) -> dict:
                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     unet.add_adapter(config, adapter_name="tmp")
     return {f"unet.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(unet, adapter_name="tmp").items()}
+
+
+# ---- a pipeline stand-in for the service tests --------------------------------------------------
+class GatedPipe:
+    """A real pipeline whose calls first wait for ``gate``, recording each call's prompts.
+
+    Holds a worker busy on demand (queue bounds, cancellation, timeouts). ``open_gate`` says
+    whether calls pass until a test closes the gate; ``wait_s`` bounds every wait.
+    """
+
+    def __init__(self, real, open_gate: bool = True, wait_s: float = 30.0) -> None:
+        import threading
+
+        self.real, self.gate, self.calls, self.wait_s = real, threading.Event(), [], wait_s
+        if open_gate:
+            self.gate.set()
+        self.scheduler = real.scheduler
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __call__(self, prompts, **kw):
+        self.calls.append(list(prompts))
+        self.gate.wait(self.wait_s)
+        self.real.scheduler = self.scheduler
+        return self.real(prompts, **kw)
+
+    def prompts(self):
+        return [p for call in self.calls for p in call]
+

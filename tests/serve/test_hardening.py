@@ -20,33 +20,10 @@ from stepsaver.bench.load import free_port
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import BatchKey, GenerationEngine, QueueFull, ServeSettings, create_app
 from stepsaver.serve import study as st
+from tests.helpers import GatedPipe
 
 TOKEN = "hardening-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class _GatedPipe:
-    """A pipeline whose calls wait for ``gate`` (open by default), recording the prompts of each call."""
-
-    def __init__(self, real):
-        self.real, self.gate, self.calls = real, threading.Event(), []
-        self.gate.set()
-        self.scheduler = real.scheduler
-
-    def set_progress_bar_config(self, **kw):
-        pass
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def __call__(self, prompts, **kw):
-        self.calls.append(list(prompts))
-        self.gate.wait(30)
-        self.real.scheduler = self.scheduler
-        return self.real(prompts, **kw)
-
-    def prompts(self):
-        return [p for call in self.calls for p in call]
 
 
 def _wait_for(cond, timeout=10.0, step=0.02):
@@ -150,7 +127,7 @@ def test_serve_refuses_a_blank_token_at_start_up(token, tmp_path):
 
 @pytest.fixture(scope="module")
 def live(embedded_pipe, tmp_path_factory):
-    pipe = _GatedPipe(embedded_pipe)
+    pipe = GatedPipe(embedded_pipe)
     engine = GenerationEngine(lambda: pipe, workers=1, queue_size=4, batch_size=1, batch_wait_ms=0)
     db = tmp_path_factory.mktemp("live") / "s.sqlite"
     app = create_app(ServeSettings(token=TOKEN, study_db=str(db), max_body_bytes=65536), engine=engine)
@@ -205,7 +182,7 @@ def test_oversized_body_is_413_before_it_is_read(live):
 # ---- 3: everything that waits is bounded and counted ---------------------------------------------
 
 def test_queue_bound_holds_for_jobs_with_other_settings(embedded_pipe, tmp_path):
-    pipe = _GatedPipe(embedded_pipe)
+    pipe = GatedPipe(embedded_pipe)
     pipe.gate.clear()
     engine = GenerationEngine(lambda: pipe, workers=1, queue_size=2, batch_size=4, batch_wait_ms=1000)
     engine.start()

@@ -2,7 +2,6 @@
 
 import base64
 import io
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from stepsaver.errors import StepsaverError
 from stepsaver.serve import BatchKey, GenerationEngine, QueueFull, ServeSettings, create_app
+from tests.helpers import GatedPipe
 
 TOKEN = "s3cret-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -135,28 +135,8 @@ def test_refuses_to_start_generate_without_token():
         create_app(ServeSettings(token=None))
 
 
-class _BlockingPipe:
-    """Stands in for a pipeline whose calls wait for a gate (to hold the worker busy)."""
-
-    def __init__(self, real):
-        self.real, self.gate, self.calls = real, threading.Event(), []
-        self.scheduler = real.scheduler
-
-    def set_progress_bar_config(self, **kw):
-        pass
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def __call__(self, prompts, **kw):
-        self.calls.append(list(prompts))
-        self.gate.wait(10)
-        self.real.scheduler = self.scheduler
-        return self.real(prompts, **kw)
-
-
 def test_full_queue_is_503_and_cancelled_jobs_never_run(embedded_pipe):
-    pipe = _BlockingPipe(embedded_pipe)
+    pipe = GatedPipe(embedded_pipe, open_gate=False, wait_s=10)
     engine = GenerationEngine(lambda: pipe, workers=1, queue_size=1, batch_size=1, batch_wait_ms=0)
     app = create_app(ServeSettings(insecure=True, queue_size=1), engine=engine)
     key = BatchKey(steps=2)
