@@ -53,7 +53,7 @@ def test_generate_json_on_tiny_sd_and_sdxl_folders(tmp_path, tiny_folders, layou
         (["cat", "--steps", "1001"], "steps must be"),
         (["cat", "--scheduler", "bogus"], "unknown scheduler 'bogus'; choose one of: ddim"),
         (["cat", "--model", "/no/such/folder"], "does not exist"),
-        (["cat", "--guidance", "-1"], "guidance must be >= 0"),
+        (["cat", "--guidance", "-1"], "guidance must be a finite number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message):

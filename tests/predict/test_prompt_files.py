@@ -10,7 +10,6 @@ from stepsaver.predict.prompts import read_prompts
 
 @pytest.mark.parametrize("name, text, match", [
     ("open.csv", 'prompt\n"a cat\na dog\na bird\n', r"open\.csv, line \d+: unreadable CSV .*unclosed quote"),
-    ("open.tsv", 'prompt\n"a cat\na dog\n', r"open\.tsv, line \d+: unreadable TSV"),
     ("big.csv", "prompt\n" + "x" * 140_000 + "\n", r"big\.csv, line 2: unreadable CSV .*field limit"),
     ("null.jsonl", '{"prompt": "a cat"}\n{"prompt": null}\n', r"null\.jsonl, line 2: the prompt is null"),
     ("number.jsonl", '{"prompt": 7}\n', r"number\.jsonl, line 1: the prompt is 7, not a string"),
@@ -37,3 +36,9 @@ def test_null_prompts_in_parquet_name_the_row(tmp_path):
 def test_quoted_commas_and_newlines_in_closed_quotes_still_read(tmp_path):
     (tmp_path / "ok.csv").write_text('prompt,n\n"a cat, on a mat",1\n"two\nlines",2\na dog,3\n')
     assert read_prompts(tmp_path / "ok.csv") == ["a cat, on a mat", "two\nlines", "a dog"]
+
+
+def test_tsv_quotes_are_literal_so_nothing_is_swallowed(tmp_path):
+    (tmp_path / "p.tsv").write_text('prompt\tid\n"a cat\t1\na sign that says "hi"\t2\na dog\t3\n')
+    assert read_prompts(tmp_path / "p.tsv") == ['"a cat', 'a sign that says "hi"', "a dog"]
+

@@ -42,10 +42,12 @@ def _prompt_of(obj: object, column: str | None, path: Path, where: str) -> str:
 
 
 def _read_delimited(path: Path, column: str | None, delimiter: str) -> list[str]:
-    # strict: a quote left open to the end of the file is an error instead of one huge field that
-    # silently swallows every row after it
+    # CSV: strict, so a quote left open to the end of the file is an error instead of one huge field
+    # that silently swallows every row after it. TSV (PartiPrompts): quotes are literal text, as
+    # tab-separated files write them (a prompt may quote a sign's text), so nothing can be swallowed.
     with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        quoting = {"quoting": csv.QUOTE_NONE} if delimiter == "\t" else {"strict": True}
+        reader = csv.reader(f, delimiter=delimiter, **quoting)
         try:
             try:
                 header = next(reader)
