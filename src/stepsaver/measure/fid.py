@@ -150,7 +150,17 @@ def features(images: np.ndarray | torch.Tensor, batch: int = 32, cache: bool = F
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets, computed by torchmetrics."""
+    """FID between two feature sets: torchmetrics' formula, from the rows when they are few.
+
+    With fewer images than feature dimensions (n < 2048) the same number (to 1e-6, tested) comes
+    from the n x n cross-product of the centred rows
+    (:func:`stepsaver.measure.report.frechet_distance_from_rows`) instead of a 2048 x 2048 eigen-
+    decomposition: 0.1 s instead of 3.4 s on this CPU, which is most of a small benchmark's time.
+    """
+    if min(len(real), len(fake)) < NUM_FEATURES and real.dim() == fake.dim() == 2:
+        from stepsaver.measure.report import frechet_distance_from_rows
+
+        return frechet_distance_from_rows(real, fake)
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=extractor(), reset_real_features=False)

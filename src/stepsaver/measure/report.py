@@ -146,8 +146,8 @@ def bootstrap_fid_difference(real: torch.Tensor, fake_a: torch.Tensor, fake_b: t
     computes the Frechet distance on resampled rows, from the rows themselves when there are
     fewer rows than feature dimensions (:func:`frechet_distance_from_rows`, a tenth of a second)
     and with torchmetrics' formula otherwise (a d x d eigen-decomposition, seconds). The point
-    estimate is always torchmetrics'. A CI that excludes 0 means the two methods differ at this
-    sample size.
+    estimate follows the same rule (as :func:`stepsaver.measure.fid.fid_from_features` does). A
+    CI that excludes 0 means the two methods differ at this sample size.
 
     ``paired=False`` resamples the real set and both fake sets independently: right for sets
     of unrelated images. ``paired=True`` is for row-aligned sets, where row ``i`` of ``real``,
@@ -166,9 +166,9 @@ def bootstrap_fid_difference(real: torch.Tensor, fake_a: torch.Tensor, fake_b: t
         return float(_compute_fid(*_stats(f), *_stats(r)))
 
     rng = np.random.default_rng(seed)
-    point = fid(real, fake_a) - fid(real, fake_b)
-    # the replicates: the same number (tested), without the d x d eigen-decomposition when n < d
+    # the same number (tested), without the d x d eigen-decomposition when n < d
     rep = frechet_distance_from_rows if max(len(real), len(fake_a), len(fake_b)) < real.shape[1] else fid
+    point = rep(real, fake_a) - rep(real, fake_b)
     diffs = []
     for _ in range(n_boot):
         if paired:
