@@ -6,6 +6,8 @@ any ASCII prompt, so the real ``CLIPTokenizer`` loading and encoding code runs.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -465,3 +467,34 @@ class GatedPipe:
     def prompts(self):
         return [p for call in self.calls for p in call]
 
+
+
+@dataclasses.dataclass
+class CompileStats:
+    graphs: int = 0  # graphs dynamo handed to the backend (first compile + every recompile)
+    runs: int = 0  # calls of a compiled graph: the network runs
+
+
+def counting_backend():
+    """A dynamo backend that counts graphs and their runs; it runs each graph eagerly.
+
+    Dynamo's tracing, guards and recompiles are the real ones; only Inductor's code generation is
+    left out (minutes on two cores), unless ``STEPSAVER_MATRIX_INDUCTOR=1``.
+    """
+    stats = CompileStats()
+
+    def backend(gm, example_inputs):
+        stats.graphs += 1
+        if os.environ.get("STEPSAVER_MATRIX_INDUCTOR") == "1":
+            from torch._inductor.compile_fx import compile_fx
+
+            fn = compile_fx(gm, example_inputs)
+        else:
+            fn = gm.forward
+
+        def run(*args):
+            stats.runs += 1
+            return fn(*args)
+        return run
+
+    return stats, backend

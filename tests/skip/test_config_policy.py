@@ -12,8 +12,8 @@ from stepsaver.skip.hook import HOOK_NAME, AdaptiveSkipHook
 
 
 def test_config_is_frozen_hashable_and_keeps_the_only_defaults():
-    a, b = AdaptiveSkipConfig(), AdaptiveSkipConfig(threshold=0.01, max_skips=4)
-    assert a == b and hash(a) == hash(b) and len({a, b, AdaptiveSkipConfig(threshold=0.02)}) == 2
+    a, b = AdaptiveSkipConfig(), AdaptiveSkipConfig(threshold=0.02, max_skips=4, scale="sigma", reuse="noise")
+    assert a == b and hash(a) == hash(b) and len({a, b, AdaptiveSkipConfig(threshold=0.01)}) == 2
     assert (AdaptiveSkipConfig.threshold, AdaptiveSkipConfig.max_skips) == (a.threshold, a.max_skips)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.max_skips = 2
@@ -21,6 +21,11 @@ def test_config_is_frozen_hashable_and_keeps_the_only_defaults():
     assert BatchKey(steps=20, skip=a) != BatchKey(steps=20, skip=AdaptiveSkipConfig(max_skips=2))
     with pytest.raises(StepsaverError, match="threshold"):
         AdaptiveSkipConfig(threshold=float("nan"))
+    for bad in (dict(scale="log"), dict(reuse="x0")):
+        with pytest.raises(StepsaverError, match=next(iter(bad))):
+            AdaptiveSkipConfig(**bad)
+    official = AdaptiveSkipConfig(threshold=0.01, compat=True)  # compat implies the official measure and reuse
+    assert (official.scale, official.reuse) == ("latent", "output")
 
 
 class EveryOtherStep(SkipPolicy):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -165,31 +164,10 @@ def attach_then_set_adapters(pipe, attach):
     pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 1.0])
 
 
-@dataclasses.dataclass
-class CompileStats:
-    graphs: int = 0  # graphs dynamo handed to the backend (first compile + every recompile)
-    runs: int = 0  # calls of a compiled graph: the network runs
-
-
 def build_compiled():
     """SD-1.5 with ``pipe.unet = torch.compile(pipe.unet)`` (counting backend, see the module docstring)."""
     pipe = helpers.build_sd15()
-    stats = CompileStats()
-
-    def backend(gm, example_inputs):
-        stats.graphs += 1
-        if os.environ.get("STEPSAVER_MATRIX_INDUCTOR") == "1":
-            from torch._inductor.compile_fx import compile_fx
-
-            fn = compile_fx(gm, example_inputs)
-        else:
-            fn = gm.forward
-
-        def run(*args):
-            stats.runs += 1
-            return fn(*args)
-        return run
-
+    stats, backend = helpers.counting_backend()
     pipe.unet = torch.compile(pipe.unet, backend=backend)
     pipe.__dict__["_matrix_compile_stats"] = stats
     return pipe

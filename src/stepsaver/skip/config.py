@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["MIN_WARMUP", "AdaptiveSkipConfig"]
+__all__ = ["MIN_WARMUP", "REUSES", "SCALES", "AdaptiveSkipConfig"]
+
+SCALES = ("latent", "sigma")  # what D_j measures (see AdaptiveSkipConfig.scale)
+REUSES = ("output", "noise")  # what a skipped step reuses (see AdaptiveSkipConfig.reuse)
 
 MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
 
@@ -25,8 +28,11 @@ class AdaptiveSkipConfig:
 
     Args:
         threshold: delta of the criterion ``|(D_j + D_{j-2})/2 - D_{j-1}| <= delta * D_{j-1}``.
-            0.01 is the paper's value for SD-1.5/SDXL (0.004 for LDM). Larger skips more. ``0``
-            never skips (output bit-identical to the plain pipeline).
+            0.02 is ours for ``scale="sigma"`` (chosen on training-split prompts over every
+            scheduler of the registry at 30 and 50 steps, docs/results/skip.md); 0.01 is the
+            paper's value for latent differences on SD-1.5/SDXL (0.004 for LDM), the one to pass
+            with ``scale="latent"`` or ``compat=True``. Larger skips more. ``0`` never skips
+            (output bit-identical to the plain pipeline).
         max_skips: C_max, the most consecutive steps that may reuse the cache (4 for SD-1.5/SDXL,
             6 for LDM). ``0`` never skips.
         warmup: steps ``0 .. warmup-1`` always run the denoiser; at least 4 (the criterion needs
@@ -36,17 +42,34 @@ class AdaptiveSkipConfig:
         compat: reproduce the official implementation's decisions exactly: one path per batch,
             C_max enforced only from the sixth decision, decisions per ``scheduler.step`` call
             (also the half steps of Heun/DPM2), differences in the latents' dtype, ties skip even
-            at ``threshold=0``. Implies a shared path (``per_sample`` is then ignored); needs
-            ``warmup=4``. State still resets every call (the official code does not).
+            at ``threshold=0``. Implies a shared path (``per_sample`` is then ignored),
+            ``scale="latent"`` and ``reuse="output"`` (set for you); needs ``warmup=4``. State still
+            resets every call (the official code does not).
+        scale: what ``D_j`` measures. ``"latent"`` (the paper's): the mean absolute change of
+            the latent over step ``j``; it assumes DDIM-like steps of similar size. ``"sigma"`` (default): the
+            same change in the scheduler's probability-flow ODE variable (``x / alpha``, the
+            variance-exploding form shared by every diffusers scheduler) per unit of noise level
+            ``sigma`` crossed by the step, i.e. the speed of the trajectory, so steps of very
+            different sizes (Karras/Euler sigmas, flow matching shifts) compare fairly.
+        reuse: what a skipped step reuses. ``"output"``: the denoiser's raw output (the official
+            code). ``"noise"`` (default): the noise prediction, as the paper states it; on a v-prediction
+            model the cached ``v`` is turned into ``eps`` at its own step and back into ``v`` at
+            the skipped one (a raw ``v`` mixes ``eps`` and ``x0`` in proportions that change with
+            the noise level). The same as ``"output"`` on epsilon and flow models.
     """
 
-    threshold: float = 0.01
+    threshold: float = 0.02
     max_skips: int = 4
     warmup: int = MIN_WARMUP
     per_sample: bool = True
     compat: bool = False
+    scale: str = "sigma"
+    reuse: str = "noise"
 
     def __post_init__(self) -> None:
+        if self.compat is True:  # the official code measures raw latent differences and reuses raw outputs
+            object.__setattr__(self, "scale", "latent")
+            object.__setattr__(self, "reuse", "output")
         self.validate()
 
     def validate(self) -> None:
@@ -61,6 +84,10 @@ class AdaptiveSkipConfig:
         for name in ("per_sample", "compat"):
             if not isinstance(getattr(self, name), bool):
                 raise StepsaverError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.scale not in SCALES:
+            raise StepsaverError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if self.reuse not in REUSES:
+            raise StepsaverError(f"reuse must be one of {', '.join(REUSES)}, got {self.reuse!r}")
         if self.compat and self.warmup != MIN_WARMUP:
             raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
                                  f"got warmup={self.warmup}")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ from stepsaver.skip.criterion import (
     next_step_skipped_batched,
     official_next_step_skipped,
 )
+from stepsaver.skip.noise import NoiseLevel, call_level, eps_to_v, noise_level, v_to_eps
 
 __all__ = ["HOOK_NAME", "AdaptiveSkipConfig", "AdaptiveSkipHook", "CriterionPolicy", "SkipPolicy", "SkipReport",
            "disable_adaptive_skip", "enable_adaptive_skip", "skip_report", "split_output"]
@@ -107,6 +109,9 @@ class SkipReport:
     rows_computed: int = 0
     sample_calls: list[int] = field(default_factory=list)  # per sample: calls whose rows were computed
     sample_saved: list[int] = field(default_factory=list)  # per sample: calls answered from the cache
+    scale: str = "latent"
+    reuse: str = "output"
+    unscaled: list[int] = field(default_factory=list)  # "sigma" scale: j of each D_j left in latent units
 
     @property
     def steps(self) -> int:
@@ -146,7 +151,10 @@ class SkipReport:
 
     def summary(self) -> dict[str, Any]:
         note = {"note": self.why_no_savings()} if not self.calls_saved else {}
-        return {**note, "mode": self.mode, "threshold": self.threshold, "max_skips": self.max_skips,
+        unscaled = {"unscaled_differences": self.unscaled} if self.unscaled else {}
+        return {**note, **unscaled, "mode": self.mode, "scale": self.scale, "reuse": self.reuse,
+                "threshold": self.threshold,
+                "max_skips": self.max_skips,
                 "steps": self.steps,
                 "batch_size": self.batch_size, "pipeline_calls": self.pipeline_calls,
                 "denoiser_calls": self.denoiser_calls, "calls_saved": self.calls_saved,
@@ -174,13 +182,17 @@ class _SkipState(BaseState):
         self.calls_since_step = 0
         self.cache: dict[int, torch.Tensor] = {}  # raw denoiser output per call position within the step
         self.rebuild: dict[int, Callable[[torch.Tensor], Any]] = {}
+        self.cache_input: dict[int, tuple[torch.Tensor, NoiseLevel | None]] = {}  # reuse="noise": x and level
         self.step_ran: list[list[bool] | bool] = []  # per started step: which samples ran the network
-        self.prev_latent: torch.Tensor | None = None
+        self.prev_latent: torch.Tensor | None = None  # in the criterion's variable (x / alpha for "sigma")
+        self.prev_level: NoiseLevel | None = None
+        self.timestep: Any = None  # of the scheduler.step call in progress
+        self.unscaled: list[int] = []
         self.pipeline_calls = self.denoiser_calls = self.rows_requested = self.rows_computed = 0
         self.call_log: list[list[bool] | bool] = []  # per pipeline call: rows computed, per sample or for all
 
     def release(self) -> None:
-        self.cache, self.rebuild, self.prev_latent = {}, {}, None
+        self.cache, self.rebuild, self.cache_input, self.prev_latent = {}, {}, {}, None
         self.active = False
 
     def samples_of(self, latent_rows: int) -> int:
@@ -250,6 +262,25 @@ def _prev_sample(out: Any) -> torch.Tensor | None:
     if sample is None and isinstance(out, (tuple, list)) and out:
         sample = out[0]
     return sample if isinstance(sample, torch.Tensor) else None
+
+
+@dataclass
+class _Call:
+    """How one denoiser call is answered (made outside any compiled graph by ``AdaptiveSkipHook._open``)."""
+
+    kind: str  # "pass" | "all" (compute every row) | "reuse" (cache) | "rows" (compute some rows)
+    position: int = 0
+    rows: int = 0
+    first: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    forward_args: tuple | None = None  # None: the network is not run
+    forward_kwargs: dict = field(default_factory=dict)
+    plain: bool = True  # the policy's run() is the default (call the network directly)
+    step: int = 0
+    reused: Any = None
+    index: Any = None
+    skip: list[bool] = field(default_factory=list)
 
 
 class SkipPolicy:
@@ -352,6 +383,10 @@ class AdaptiveSkipHook(ModelHook):
         if new_call:
             self.state.reset(self._generation)
             self._publish()
+            if pipe is not None:  # a step-counting cache enabled after this hook: refuse before any step runs
+                self.state.active = False
+                _refuse_step_counting_caches(_denoiser(pipe))
+                self.state.active = True
         return self.state
 
     def _before_step(self, args: tuple, kwargs: dict) -> None:
@@ -359,6 +394,7 @@ class AdaptiveSkipHook(ModelHook):
         if not state.active or state.generation != self._generation:
             return
         state.calls_since_step = 0
+        state.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         sample = kwargs.get("sample", args[2] if len(args) > 2 else None)
         if state.batch is None and isinstance(sample, torch.Tensor) and sample.ndim:
             self._learn_batch(sample)
@@ -385,22 +421,66 @@ class AdaptiveSkipHook(ModelHook):
             self._publish()
             return  # first half of a second-order step: the step is not complete yet
         state.step_open = False
+        level = _level_after_step(scheduler, state.timestep) if self.config.scale == "sigma" else None
+        current = latent.detach().float() / level.alpha if level is not None else latent.detach().clone()
         if state.prev_latent is not None:
             if self.config.compat:
                 state.diffs.append((latent - state.prev_latent).abs().mean())  # official: latents' dtype
             else:
-                d = latent_difference(state.per_sample_latent(latent), state.per_sample_latent(state.prev_latent),
+                d = latent_difference(state.per_sample_latent(current), state.per_sample_latent(state.prev_latent),
                                       per_sample=self.config.per_sample)
-                state.diffs.append(d.tolist())
-        state.prev_latent = latent.detach().clone()
+                state.diffs.append(self._scaled(d, level).tolist())
+        state.prev_latent, state.prev_level = current, level
         state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1))
         self._publish()
 
+    def _scaled(self, d: torch.Tensor, level: NoiseLevel | None) -> torch.Tensor:
+        """``D_j`` per unit of noise level crossed (``"sigma"`` scale); latent units where that is undefined.
+
+        A step that crosses no noise level (PNDM redoes its first step at the same timestep) keeps
+        the previous step's speed; a scheduler without a readable level keeps the raw difference,
+        and the report lists those ``j`` (``unscaled``).
+        """
+        state = self.state
+        if self.config.scale != "sigma":
+            return d
+        prev = state.prev_level
+        if level is not None and prev is not None:
+            crossed = abs(prev.sigma - level.sigma)
+            if crossed > 0 and math.isfinite(crossed):
+                return d / crossed
+            if state.diffs:
+                return torch.as_tensor(state.diffs[-1], dtype=d.dtype)
+        state.unscaled.append(len(state.diffs) + 1)
+        return d
+
     # -- the denoiser call -----------------------------------------------------------------------
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run or answer one denoiser call; only the network itself runs under ``torch.compile``.
+
+        This frame is skipped by dynamo (``recursive=False``): the bookkeeping of ``_open`` and
+        ``_close`` (fully disabled) never enters a graph, so the decision's Python state (steps
+        seen, paths, the generation counter) adds no guards, while ``original_forward`` is its own
+        frame and is compiled when the denoiser was compiled in either order (``torch.compile``
+        around it, ``module.compile()``, or the hook around a compiled module).
+        """
+        call = self._open(args, kwargs)
+        if call.forward_args is None:
+            out = None
+        elif call.plain:
+            out = self.fn_ref.original_forward(*call.forward_args, **call.forward_kwargs)
+        else:
+            out = self.policy.run(call.step, functools.partial(self.fn_ref.original_forward, *call.forward_args,
+                                                                **call.forward_kwargs))
+        return self._close(call, out)
+
+    @torch.compiler.disable
+    def _open(self, args: tuple, kwargs: dict) -> _Call:
+        """Decide how this call is answered: pass through, compute all rows, reuse the cache, or some rows."""
         state = self._begin_call_if_new()
         if not state.active:  # after diffusers' end-of-call reset: plain pass-through
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return _Call("pass", forward_args=args, forward_kwargs=kwargs)
         position = state.calls_since_step  # 0, or 1.. for pipelines that split CFG into separate calls
         state.calls_since_step += 1
         if not state.step_open:
@@ -417,40 +497,85 @@ class AdaptiveSkipHook(ModelHook):
         batch = state.batch or 1
         skip = [bool(s) for s in decision] if isinstance(decision, list) else [bool(decision)] * batch
         cached = state.cache.get(position)
+        base = _Call("all", position=position, rows=rows, first=first, args=args, kwargs=kwargs)
         if cached is None or cached.shape[0] != rows or not any(skip) or (not all(skip) and rows % batch):
-            ran: list[bool] | bool = True  # nothing to reuse here (or rows that cannot be split): compute all
-            out = self._compute(state, position, rows, args, kwargs)
-        elif all(skip):
-            ran, out = False, state.rebuild[position](cached.clone())
+            # nothing to reuse here (or rows that cannot be split): compute all
+            base.forward_args, base.forward_kwargs = args, kwargs
+            base.plain = type(self.policy).run is SkipPolicy.run
+            base.step = state.started - 1
+            return base
+        reused = self._reused(state, position, first, args, kwargs)
+        if all(skip):
+            base.kind, base.reused = "reuse", reused
+            return base
+        keep = [i for i, s in enumerate(skip) if not s]
+        index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep], device=reused.device)
+        base.kind, base.reused, base.index, base.skip = "rows", reused, index, skip
+        base.forward_args, base.forward_kwargs = _rows_of(args, rows, index), _rows_of(kwargs, rows, index)
+        return base
+
+    @torch.compiler.disable
+    def _close(self, call: _Call, out: Any) -> Any:
+        """Record what ran, keep the cache, and build the output the pipeline gets."""
+        if call.kind == "pass":
+            return out
+        state, position = self.state, call.position
+        if call.kind == "all":
+            ran: list[bool] | bool = True
+            main, state.rebuild[position] = split_output(out)
+            state.cache[position] = main.detach().clone()
+            if self._converts_noise() and main.ndim > 1 and call.first.ndim > 1 and \
+                    call.first.shape[1] >= main.shape[1]:
+                state.cache_input[position] = (call.first[:, : main.shape[1]].detach().to(main.dtype).clone(),
+                                               self._level_now(call.args, call.kwargs))
+            state.denoiser_calls += 1
+            state.rows_computed += call.rows
+        elif call.kind == "reuse":
+            ran, out = False, state.rebuild[position](call.reused)
         else:
-            ran = [not s for s in skip]
-            out = self._compute_rows(state, position, rows, skip, args, kwargs)
+            ran = [not s for s in call.skip]
+            main, _ = split_output(out)
+            full = call.reused
+            full[call.index] = main.to(full.dtype)
+            state.cache[position] = full
+            if position in state.cache_input:  # every row is now expressed at this step: its input and level
+                state.cache_input[position] = (call.first[:, : full.shape[1]].detach().to(full.dtype).clone(),
+                                               self._level_now(call.args, call.kwargs))
+            state.denoiser_calls += 1
+            state.rows_computed += len(call.index)
+            out = state.rebuild[position](full.clone())
         state.call_log.append(ran)
         state.step_ran[-1] = _union(state.step_ran[-1], ran)
         return out
 
-    def _compute(self, state: _SkipState, position: int, rows: int, args: tuple, kwargs: dict) -> Any:
-        out = self.policy.run(state.started - 1, lambda: self.fn_ref.original_forward(*args, **kwargs))
-        main, state.rebuild[position] = split_output(out)
-        state.cache[position] = main.detach().clone()
-        state.denoiser_calls += 1
-        state.rows_computed += rows
-        return out
+    def _converts_noise(self) -> bool:
+        """Whether reused outputs go through the noise prediction (``reuse="noise"`` on a v-prediction model)."""
+        config = getattr(self._scheduler, "config", None)
+        return self.config.reuse == "noise" and getattr(config, "prediction_type", None) == "v_prediction"
 
-    def _compute_rows(self, state: _SkipState, position: int, rows: int, skip: list[bool], args: tuple,
-                      kwargs: dict) -> Any:
-        batch = len(skip)
-        keep = [i for i, s in enumerate(skip) if not s]
+    def _level_now(self, args: tuple, kwargs: dict) -> NoiseLevel | None:
+        return call_level(self._scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
+
+    def _reused(self, state: _SkipState, position: int, first: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The cached output for this call; with ``reuse="noise"`` its noise prediction, re-expressed at this step.
+
+        A v-prediction ``v = alpha eps - sigma x0`` depends on the noise level and the latent it was
+        made at; the noise prediction ``eps = sigma x + alpha v`` is what AdaptiveDiffusion reuses, so
+        it is recovered from the cached step's input and level and turned back into ``v`` with this
+        step's (``eps_to_v``). Without a readable level the raw output is reused.
+        """
         cached = state.cache[position]
-        index = torch.tensor([i + copy * batch for copy in range(rows // batch) for i in keep], device=cached.device)
-        out = self.fn_ref.original_forward(*_rows_of(args, rows, index), **_rows_of(kwargs, rows, index))
-        main, _ = split_output(out)
-        full = cached.clone()
-        full[index] = main.to(full.dtype)
-        state.cache[position] = full
-        state.denoiser_calls += 1
-        state.rows_computed += len(index)
-        return state.rebuild[position](full.clone())
+        if not self._converts_noise() or position not in state.cache_input:
+            return cached.clone()
+        x_prev, level_prev = state.cache_input[position]
+        level = self._level_now(args, kwargs)
+        channels = cached.shape[1] if cached.ndim > 1 else 0
+        if level is None or level_prev is None or first.ndim < 2 or first.shape[1] < channels or \
+                x_prev.shape != cached.shape:
+            return cached.clone()
+        x = first[:, :channels].to(cached.dtype)
+        eps = v_to_eps(cached.float(), x_prev.float(), level_prev)
+        return eps_to_v(eps, x.float(), level).to(cached.dtype)
 
     # -- diffusers' end-of-call reset and the report ---------------------------------------------
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -470,7 +595,8 @@ class AdaptiveSkipHook(ModelHook):
                           batch_size=batch, computed=computed, diffs=diffs, pipeline_calls=state.pipeline_calls,
                           denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
                           rows_computed=state.rows_computed, sample_calls=[sum(r) for r in ran],
-                          sample_saved=[len(r) - sum(r) for r in ran])
+                          sample_saved=[len(r) - sum(r) for r in ran], scale=cfg.scale,
+                          reuse=cfg.reuse, unscaled=list(state.unscaled))
 
     def _publish(self) -> None:
         pipe = self._pipe()
@@ -481,6 +607,48 @@ class AdaptiveSkipHook(ModelHook):
 
 
 _MISSING = object()
+
+
+def _level_after_step(scheduler: Any, timestep: Any) -> NoiseLevel | None:
+    """:func:`noise_level`, except PNDM's second call, which redoes step 0 and ends at ``timestep`` itself."""
+    if getattr(scheduler, "counter", None) == 2 and hasattr(scheduler, "ets") and timestep is not None:
+        steps = scheduler.num_inference_steps
+        return noise_level(scheduler, int(timestep) + scheduler.config.num_train_timesteps // steps)
+    return noise_level(scheduler, timestep)
+
+
+# diffusers caches that number the denoiser calls they see and index their schedule by that number
+# (MagCache's per-step magnitude ratios by ``step_index``, TaylorSeer's warm-up, intervals and
+# Taylor offsets by ``current_step``). A call this hook answers from its cache never reaches their
+# block hooks, so their count would fall behind the real timestep. Caches that read the step from
+# the pipeline (FirstBlockCache has no count; PAB and FasterCache check ``current_timestep``,
+# SeaCache its ``cache_context``) see the right step and compose.
+STEP_COUNTING_CACHES = {"mag_cache_leader_block_hook": ("MagCache", "step_index"),
+                        "mag_cache_block_hook": ("MagCache", "step_index"),
+                        "taylorseer_cache": ("TaylorSeer", "current_step")}
+
+
+def _step_counting_caches(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
+    found: dict[str, str] = {}
+    for module in denoiser.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for name in getattr(registry, "hooks", {}) or {}:
+            if name in STEP_COUNTING_CACHES:
+                cache, counter = STEP_COUNTING_CACHES[name]
+                found[cache] = counter
+    return sorted(found.items())
+
+
+def _refuse_step_counting_caches(denoiser: torch.nn.Module) -> None:
+    """One clear error when a cache that counts steps shares the denoiser with this hook (issue 17, item 6)."""
+    found = _step_counting_caches(denoiser)
+    if found:
+        cache, counter = found[0]
+        raise StepsaverError(
+            f"adaptive skip cannot run with diffusers' {cache} on the same denoiser: {cache} counts the calls it "
+            f"sees ({counter}) to know the step, and a step adaptive skip answers from its cache never reaches it, "
+            f"so {cache} would apply the schedule of an earlier step. Use one of them: "
+            "disable_adaptive_skip(pipe) or pipe.transformer.disable_cache()")
 
 
 def _denoiser(pipe: Any) -> torch.nn.Module:
@@ -505,6 +673,7 @@ def enable_adaptive_skip(pipe: Any, config: AdaptiveSkipConfig | None = None) ->
         raise StepsaverError(f"config must be an AdaptiveSkipConfig, got {type(config).__name__}")
     config.validate()
     denoiser = _denoiser(pipe)
+    _refuse_step_counting_caches(denoiser)
     scheduler = getattr(pipe, "scheduler", None)
     if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "set_timesteps", None))):
         raise StepsaverError(f"{type(pipe).__name__} has no diffusers scheduler (step/set_timesteps) to follow")
