@@ -27,31 +27,44 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(fid_module, "features", lambda images, **_: torch.zeros(len(images), 4))
     monkeypatch.setattr(fid_module, "fid_from_features", lambda real, fake: 1.5)
     monkeypatch.setattr(bench_module, "peak_memory_bytes", lambda fn, device="cpu": (fn(), 2**20)[1])
+    compiled: dict = {}  # dynamo's real tracing with its eager backend: Inductor's code generation takes minutes
+    monkeypatch.setattr(bench_module, "_compiled_unet", lambda pipe: compiled.setdefault(
+        "unet", torch.compile(pipe.unet, backend="eager")))
     cfg = SkipBenchConfig(n=2, ablation_n=1, oracle_n=1, time_n=1, macs_n=1, schedulers=("ddim",), steps=6,
                           ablation_steps=(6, 5), deltas=(0.01, 0.05), max_skips_grid=(2, 4), batch=2,
-                          device="cpu", threads=1)
+                          device="cpu", threads=1, sweep_n=2, sweep_schedulers=("ddim", "heun"), sweep_steps=(6,))
     threads = torch.get_num_threads()
     result = bench_skip(cfg, out_dir=tmp_path, show_progress=False)
     assert torch.get_num_threads() == threads  # restored
     payload = json.loads((tmp_path / "skip.json").read_text())
     keys = [r["key"] for r in payload["rows"]]
-    assert keys == ["full", "ours", "ours_batch", "compat", "deepcache_2", "deepcache_3", "deepcache_5", "iso"]
+    assert keys == ["full", "ours", "ours_batch", "paper", "compat", "full_compiled", "ours_compiled",
+                    "deepcache_2", "deepcache_3", "deepcache_5", "iso"]
     for row in payload["rows"]:
         assert set(COLUMNS) <= set(row)
         assert row["denoiser_calls"] <= 6 and row["gmacs_per_image"] > 0 and row["median_latency_ms"] > 0
     full = payload["rows"][0]
     assert full["speedup"] == 1.0 and full["psnr_db"] is None and full["fid"] == 0.0
     assert all(r["fid"] == 1.5 and r["peak_memory_mb"] == 1.0 for r in payload["rows"][1:])
-    dc5 = payload["rows"][6]
+    dc5 = payload["rows"][keys.index("deepcache_5")]
+    by_key = dict(zip(keys, payload["rows"], strict=True))
+    assert by_key["full_compiled"]["psnr_db"] > 60  # the compiled UNet renders the eager image (to float error)
+    assert by_key["ours_compiled"]["denoiser_calls"] == by_key["ours"]["denoiser_calls"]
+    sweep = payload["scheduler_sweep"]
+    assert [r["method"][:3] for r in sweep] == ["our", "iso", "pap"] * 2  # per scheduler: ours, its iso-cost, paper
+    assert [r["scheduler"] for r in sweep] == ["ddim"] * 3 + ["heun"] * 3
+    assert sweep[3]["full_calls"] == 11  # heun is second-order: 2N - 1 calls in N steps
     assert dc5["gmacs_per_image"] < full["gmacs_per_image"]  # DeepCache's saving shows in MACs
     assert len(payload["ablation_grid"]) == 4 and len(payload["ablation_steps"]) == 2
     assert {"beats_iso", "iso_steps", "iso_psnr_db"} <= set(payload["ablation_grid"][0])
     assert len(payload["oracle"]["prompts"]) == 1 and "p_value" in payload["oracle"]["chi2"]
-    assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_iso_ddim"}
+    assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_iso_ddim",
+                                       "scheduler_sweep"}
     md = (tmp_path / "skip.md").read_text()
     assert "**Target 1 (DDIM, 6 steps" in md and "**Target 2 (ddim" in md and "**Target 3 (ddim" in md
     assert "## Ablation: delta x C_max" in md and "## Oracle vs estimator" in md
-    for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png"):
+    assert "## Every scheduler" in md and "**Scheduler sweep" in md
+    for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png", "skip-schedulers.png"):
         assert (tmp_path / name).stat().st_size > 0 and name in md
     assert result["md"] == str(tmp_path / "skip.md")
 
@@ -85,10 +98,12 @@ def test_targets_are_decided_from_the_numbers():
     ({"schedulers": ("nope",)}, "unknown scheduler"),
     ({"steps": 3}, "step counts must be in 5.."),
     ({"threads": 0}, "--threads must be >= 1"),
+    ({"sweep_n": 5}, "--sweep-n must be in 0..4"),
+    ({"sweep_schedulers": ("nope",)}, "unknown scheduler"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, match):
     with pytest.raises(StepsaverError, match=match) as info:
-        SkipBenchConfig(**{"n": 4, "ablation_n": 2, "oracle_n": 1, "time_n": 2, **kwargs}).validate()
+        SkipBenchConfig(**{"n": 4, "ablation_n": 2, "oracle_n": 1, "time_n": 2, "sweep_n": 2, **kwargs}).validate()
     assert "\n" not in str(info.value)
 
 

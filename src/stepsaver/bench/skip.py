@@ -56,6 +56,8 @@ DELTAS = (0.005, 0.01, 0.02, 0.05)
 MAX_SKIPS_GRID = (2, 3, 4, 6)
 ABLATION_STEPS = (50, 25, 15, 10)
 DEEPCACHE_INTERVALS = (2, 3, 5)
+SWEEP_STEPS = (30, 50)
+SWEEP_CALLS_TARGET, SWEEP_PSNR_TARGET = 1.5, 35.0  # issue 17, item 9: every scheduler, 30 and 50 steps
 CALLS_TARGET, SPEEDUP_TARGET, PSNR_TARGET = 2.0, 1.8, 26.0
 PSNR_CAP = 100.0  # dB given to a pair of identical images (PSNR is infinite there) before averaging
 COLUMNS = ["scheduler", "method", "steps", "denoiser_calls", "gmacs_per_image", "peak_memory_mb",
@@ -77,15 +79,29 @@ class Method:
     compat: bool = False
     interval: int = 0
     batch: int = 1
+    scale: str = AdaptiveSkipConfig.scale
+    reuse: str = AdaptiveSkipConfig.reuse
+    compiled: bool = False  # the denoiser under torch.compile (Inductor), the hook attached around it
+
+    def skip_config(self) -> AdaptiveSkipConfig:
+        return AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips, per_sample=not self.compat,
+                                  compat=self.compat, scale=self.scale, reuse=self.reuse)
 
     @contextlib.contextmanager
     def applied(self, pipe: Any) -> Iterator[None]:
         """Attach this method to ``pipe`` for the block, and take it off again."""
-        if self.kind == "skip":
+        if self.compiled:
+            eager = pipe.unet
+            pipe.unet = _compiled_unet(pipe)
+            try:
+                with dataclasses.replace(self, compiled=False).applied(pipe):
+                    yield
+            finally:
+                pipe.unet = eager
+        elif self.kind == "skip":
             from stepsaver.skip.hook import disable_adaptive_skip, enable_adaptive_skip
 
-            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips,
-                                                          per_sample=not self.compat, compat=self.compat))
+            enable_adaptive_skip(pipe, self.skip_config())
             try:
                 yield
             finally:
@@ -102,6 +118,15 @@ class Method:
                 helper.disable()
         else:
             yield
+
+
+def _compiled_unet(pipe: Any) -> torch.nn.Module:
+    """One ``torch.compile`` (Inductor) of the pipeline's UNet, kept with the pipeline and reused."""
+    compiled = pipe.__dict__.get("_stepsaver_bench_compiled")
+    if compiled is None:
+        compiled = torch.compile(pipe.unet)
+        pipe.__dict__["_stepsaver_bench_compiled"] = compiled
+    return compiled
 
 
 @dataclass
@@ -137,12 +162,24 @@ class SkipBenchConfig:
     model: str = "tiny"
     device: str = "auto"
     fid: bool = True
+    compiled: bool = True  # rows with the UNet under torch.compile (Inductor), with and without the hook
+    sweep_schedulers: tuple[str, ...] | None = None  # None: every scheduler of the registry
+    sweep_steps: tuple[int, ...] = SWEEP_STEPS
+    sweep_n: int = 24  # prompts of the scheduler sweep (0: no sweep)
     cache_dir: str | None = None  # renders kept on disk here: a killed run resumes, processes can share it
     threads: int | None = None  # torch CPU threads for the run (None: leave torch's setting)
 
     def ablated(self) -> tuple[str, ...]:
         """The schedulers that get the ablations."""
         return self.schedulers[:1] if self.ablation_schedulers is None else self.ablation_schedulers
+
+    def swept(self) -> tuple[str, ...]:
+        """The schedulers of the sweep (every scheduler of the registry by default)."""
+        from stepsaver.pipelines import SCHEDULERS
+
+        if not self.sweep_n:
+            return ()
+        return tuple(SCHEDULERS) if self.sweep_schedulers is None else self.sweep_schedulers
 
     def validate(self) -> None:
         """One-line :class:`StepsaverError` for settings that cannot produce a report."""
@@ -166,7 +203,12 @@ class SkipBenchConfig:
             if scheduler_spec(s).second_order:
                 raise StepsaverError(f"scheduler {s!r} calls the denoiser twice a step; bench skip compares "
                                      "first-order samplers (ddim, dpmpp_2m, euler, ...)")
-        for value in (self.steps, *self.ablation_steps):
+        if not 0 <= self.sweep_n <= self.n:
+            raise StepsaverError(f"--sweep-n must be in 0..{self.n} (it reuses the first --n prompts), "
+                                 f"got {self.sweep_n}")
+        for s in self.swept():
+            scheduler_spec(s)  # a clear error on an unknown name
+        for value in (self.steps, *self.ablation_steps, *self.sweep_steps):
             if not 5 <= value <= MAX_STEPS:
                 raise StepsaverError(f"step counts must be in 5..{MAX_STEPS} (4 warm-up steps, then skips), "
                                      f"got {value}")
@@ -491,7 +533,12 @@ def _main_methods(cfg: SkipBenchConfig) -> list[tuple[str, str, Method]]:
     rows = [("full", f"full {s} steps", Method("plain", s)),
             ("ours", f"ours (delta={cfg.threshold:g}, C_max={cfg.max_skips})", ours),
             ("ours_batch", f"ours per-sample, batch {cfg.batch}", dataclasses.replace(ours, batch=cfg.batch)),
-            ("compat", "official-compat", dataclasses.replace(ours, compat=True))]
+            ("paper", "paper rule (latent differences, raw reuse, delta=0.01)",
+             dataclasses.replace(ours, threshold=0.01, scale="latent", reuse="output")),
+            ("compat", "official-compat", dataclasses.replace(ours, threshold=0.01, compat=True))]
+    if cfg.compiled:
+        rows += [("full_compiled", f"full {s} steps, torch.compile", Method("plain", s, compiled=True)),
+                 ("ours_compiled", "ours, torch.compile", dataclasses.replace(ours, compiled=True))]
     rows += [(f"deepcache_{k}", f"DeepCache interval {k}", Method("deepcache", s, interval=k))
              for k in cfg.deepcache_intervals]
     return rows
@@ -545,8 +592,14 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     # MACs and peak memory
     macs: dict[str, tuple[float, float]] = {}
     for key, _, method in methods:
+        if method.compiled:  # FlopCounterMode does not see inside Inductor's kernels: the same network's count
+            continue
         bench.bar.plan(len(range(0, cfg.macs_n, method.batch)) + 1)
         macs[key] = bench.macs_and_memory(method)
+    for key, _, method in methods:
+        if method.compiled:
+            twin = next(k for k, _, m in methods if m == dataclasses.replace(method, compiled=False))
+            macs[key] = macs[twin]
     full_batch = Method("plain", cfg.steps, batch=cfg.batch)
 
     # timing: round robin over the first time_n prompts, after one untimed call of each method
@@ -594,6 +647,66 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     timing = {"time_n": cfg.time_n, "median_s": median, "full_batch_median_latency_ms": median["full_batch"] * 1e3,
               "iso_steps": iso_steps}
     return rows, grid_rows, steps_rows, timing
+
+
+def _iso_steps(calls: float, scheduler: str, most: int) -> int:
+    """Plain steps that cost ``calls`` denoiser calls (a second-order sampler makes ``2N - 1`` in ``N`` steps)."""
+    from stepsaver.pipelines import scheduler_spec
+
+    n = round((calls + 1) / 2) if scheduler_spec(scheduler).second_order else round(calls)
+    return max(1, min(most, n))
+
+
+def _sweep(bench: _Bench) -> list[dict]:
+    """Ours, the paper's rule and iso-cost plain steps on every scheduler of the sweep, at each sweep step count.
+
+    Batches of ``batch`` prompts (per-sample paths: the same images as single calls, to float
+    tolerance), the first ``sweep_n`` prompts, quality against the same scheduler's full run.
+    """
+    cfg = bench.cfg
+    rows: list[dict] = []
+    m, b = cfg.sweep_n, cfg.batch
+    for scheduler in cfg.swept():
+        bench.use(scheduler)
+        for steps in cfg.sweep_steps:
+            full = bench.renders(Method("plain", steps, batch=b), m, f"sweep full {steps}")
+            full_calls = _mean([r.calls for r in full])
+            methods = [("ours", Method("skip", steps, cfg.threshold, cfg.max_skips, batch=b)),
+                       ("paper", Method("skip", steps, 0.01, cfg.max_skips, batch=b, scale="latent",
+                                        reuse="output"))]
+            for key, method in methods:
+                q = _quality(bench.renders(method, m, f"sweep {key} {steps}"), full)
+                rows.append({"scheduler": scheduler, "steps": steps, "method": key, "full_calls": full_calls,
+                             "denoiser_calls": q["denoiser_calls"], "call_reduction": full_calls / q["denoiser_calls"],
+                             "psnr_db": q["psnr_db"], "psnr_min_db": q["psnr_min_db"], "lpips": q["lpips"]})
+                if key == "ours":
+                    n_iso = _iso_steps(q["denoiser_calls"], scheduler, steps)
+                    iso = _quality(bench.renders(Method("plain", n_iso, batch=b), m, f"sweep iso {n_iso}"), full)
+                    rows.append({"scheduler": scheduler, "steps": steps, "method": f"iso-cost {n_iso} steps",
+                                 "full_calls": full_calls, "denoiser_calls": iso["denoiser_calls"],
+                                 "call_reduction": full_calls / iso["denoiser_calls"], "psnr_db": iso["psnr_db"],
+                                 "psnr_min_db": iso["psnr_min_db"], "lpips": iso["lpips"]})
+    for r in rows:
+        r["meets_target"] = r["call_reduction"] >= SWEEP_CALLS_TARGET and r["psnr_db"] >= SWEEP_PSNR_TARGET
+    return rows
+
+
+def _sweep_verdict(rows: Sequence[dict]) -> dict[str, Any]:
+    """Issue 17, item 9: ours >= 1.5x fewer calls at PSNR >= 35 dB on every swept scheduler and step count."""
+    ours = [r for r in rows if r["method"] == "ours"]
+    failing = [f"{r['scheduler']}@{r['steps']} ({r['call_reduction']:.2f}x, {r['psnr_db']:.1f} dB)"
+               for r in ours if not r["meets_target"]]
+    beaten = [f"{r['scheduler']}@{r['steps']}" for r in ours
+              if (iso := next((i for i in rows if i["scheduler"] == r["scheduler"] and i["steps"] == r["steps"]
+                               and i["method"].startswith("iso")), None)) and iso["psnr_db"] >= r["psnr_db"]]
+    holds = bool(ours) and not failing
+    text = (f"**Scheduler sweep (>= {SWEEP_CALLS_TARGET:g}x fewer calls at PSNR >= {SWEEP_PSNR_TARGET:g} dB on "
+            f"every scheduler and step count): {'holds' if holds else 'does not hold'}** — "
+            f"{len(ours) - len(failing)} of {len(ours)} cells meet it"
+            + (f"; failing: {', '.join(failing)}" if failing else "") + ". "
+            + (f"Plain steps at the same calls match or beat ours on: {', '.join(beaten)}." if beaten else
+               "Ours beats plain steps at the same calls (PSNR) in every cell."))
+    return {"holds": holds, "failing": failing, "iso_not_beaten": beaten, "text": text}
 
 
 def _oracle(bench: _Bench) -> dict[str, Any]:
@@ -720,6 +833,38 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
     return paths
 
 
+def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["steps"] for r in sweep})
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4.2), dpi=120, squeeze=False)
+    styles = {"ours": ("o", "C0"), "paper": ("^", "C1"), "iso": ("D", "C2")}
+    for ax, n in zip(axes[0], steps, strict=True):
+        for r in (r for r in sweep if r["steps"] == n):
+            marker, colour = styles["iso" if r["method"].startswith("iso") else r["method"]]
+            ax.scatter(r["call_reduction"], r["psnr_db"], marker=marker, color=colour, s=30)
+            if r["method"] == "ours":
+                ax.annotate(r["scheduler"], (r["call_reduction"], r["psnr_db"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        for name, (marker, colour) in styles.items():
+            ax.scatter([], [], marker=marker, color=colour, label={"iso": "iso-cost plain steps"}.get(name, name))
+        ax.axhline(SWEEP_PSNR_TARGET, color="grey", lw=0.8, ls="--")
+        ax.axvline(SWEEP_CALLS_TARGET, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("fewer denoiser calls than the full run (x)")
+        ax.set_ylabel("PSNR vs the full run (dB)")
+        ax.set_title(f"every scheduler, {n} steps", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "skip-schedulers.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
+
+
 # --- entry points ------------------------------------------------------------------------------------
 
 def _fmt_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -765,9 +910,12 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
             steps_rows += s
             timing[scheduler] = t
         oracle = _oracle(bench) if cfg.oracle_n else {}
+        sweep = _sweep(bench) if cfg.sweep_n else []
     verdicts = targets(rows, grid, cfg.steps)
+    if sweep:
+        verdicts["scheduler_sweep"] = _sweep_verdict(sweep)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(out, rows, grid, oracle, cfg)
+    plots = _plots(out, rows, grid, oracle, cfg) + (_sweep_plot(out, sweep) if sweep else [])
     elapsed = time.perf_counter() - t0
 
     lines = [f"{len(cfg.schedulers)} scheduler(s), {cfg.n} held-out scene prompts (eval split), batch 1 unless "
@@ -800,6 +948,15 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
                   _fmt_table(steps_rows, ["scheduler", "steps", "full_calls", "ours_calls", "call_reduction",
                                           "psnr_vs_full_same_steps_db", "lpips_vs_full_same_steps",
                                           "ours_psnr_vs_reference_db", "full_psnr_vs_reference_db"])]
+    if sweep:
+        lines += ["", f"## Every scheduler ({cfg.sweep_n} prompts, batch {cfg.batch}, steps "
+                      f"{', '.join(map(str, cfg.sweep_steps))})", "",
+                  f"ours: delta={cfg.threshold:g}, C_max={cfg.max_skips}, scale='{AdaptiveSkipConfig.scale}', "
+                  f"reuse='{AdaptiveSkipConfig.reuse}'; paper: the same C_max, delta=0.01 on raw latent differences "
+                  "with raw reuse; iso-cost: plain steps at ours' calls (second-order samplers: 2N-1 calls in N "
+                  "steps). Quality against the same scheduler's full run.", "",
+                  _fmt_table(sweep, ["scheduler", "steps", "method", "denoiser_calls", "call_reduction", "psnr_db",
+                                     "psnr_min_db", "lpips", "meets_target"])]
     if oracle:
         ag, chi = oracle["agreement"], oracle["chi2"]
         lines += ["", f"## Oracle vs estimator ({len(oracle['prompts'])} prompts, {oracle['scheduler']})", "",
@@ -816,7 +973,8 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     summary = "\n".join(lines)
     table_rows = [{k: v for k, v in r.items() if k not in ("per_image", "paths")} for r in rows]
     extra = {"config": dataclasses.asdict(cfg), "targets": verdicts, "ablation_grid": grid,
-             "ablation_steps": steps_rows, "timing": timing, "oracle": oracle, "seconds": elapsed,
+             "ablation_steps": steps_rows, "scheduler_sweep": sweep, "timing": timing, "oracle": oracle,
+             "seconds": elapsed,
              "per_image": {f"{r['scheduler']}/{r['key']}": {**r["per_image"], "paths": r["paths"]} for r in rows}}
     extra = finite(extra)  # strict JSON: a nan p-value (degenerate chi-squared table) becomes null
     paths = write_report("skip", finite(table_rows),

@@ -232,6 +232,15 @@ def bench_skip_cmd(
     model: str = typer.Option("tiny", "--model", "-m"),
     device: str = typer.Option("auto", "--device"),
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute FID (loads the Inception network)."),
+    compiled: bool = typer.Option(True, "--compile/--no-compile",
+                                  help="Rows with the UNet under torch.compile (Inductor), with and without Skip."),
+    deltas: str = typer.Option("0.005,0.01,0.02,0.05", "--deltas", help="Ablation grid: thresholds."),
+    max_skips_grid: str = typer.Option("2,3,4,6", "--max-skips-grid", help="Ablation grid: C_max values."),
+    sweep_n: int | None = typer.Option(None, "--sweep-n", help="Prompts of the every-scheduler sweep, 0 for none "
+                                       "[default: 24, at most --n]."),
+    sweep_schedulers: str | None = typer.Option(None, "--sweep-schedulers",
+                                                help="Schedulers of the sweep [default: every one of the registry]."),
+    sweep_steps: str = typer.Option("30,50", "--sweep-steps", help="Step counts of the sweep."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
     cache: Path | None = typer.Option(
         None, "--cache", help="Keep renders in this folder: a killed run resumes from it, and processes "
@@ -250,19 +259,29 @@ def bench_skip_cmd(
     def upto(value: int | None, default: int) -> int:  # an unset count follows --n down, a set one is checked
         return min(default, max(n, 1)) if value is None else value
 
-    try:
-        abl_steps = tuple(int(v) for v in _names(ablation_steps))
-    except ValueError:
-        raise StepsaverError(f"--ablation-steps must be a comma-separated list of integers, got {ablation_steps!r}") \
-            from None
-    if not abl_steps:
-        raise StepsaverError("--ablation-steps is empty; give step counts such as 50,25,15,10")
+    def numbers(text: str, option: str, kind: type, example: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in _names(text))
+        except ValueError:
+            raise StepsaverError(f"{option} must be a comma-separated list of {kind.__name__}s, got {text!r}") \
+                from None
+        if not values:
+            raise StepsaverError(f"{option} is empty; give values such as {example}")
+        return values
+
+    abl_steps = numbers(ablation_steps, "--ablation-steps", int, "50,25,15,10")
+    grid_deltas = numbers(deltas, "--deltas", float, "0.01,0.02")
+    grid_skips = numbers(max_skips_grid, "--max-skips-grid", int, "2,4")
+    swept_steps = numbers(sweep_steps, "--sweep-steps", int, "30,50")
     cfg = SkipBenchConfig(n=n, ablation_n=upto(ablation_n, base.ablation_n), oracle_n=upto(oracle_n, base.oracle_n),
                           time_n=upto(time_n, base.time_n), macs_n=upto(macs_n, base.macs_n),
                           schedulers=names, ablation_schedulers=ablated, steps=steps, ablation_steps=abl_steps,
                           threshold=threshold, max_skips=max_skips, batch=batch, oracle_tolerance=oracle_tolerance,
                           seed=seed, guidance=guidance, model=model, device=device, fid=fid,
-                          threads=threads, cache_dir=str(cache) if cache else None)
+                          threads=threads, cache_dir=str(cache) if cache else None, compiled=compiled,
+                          deltas=grid_deltas, max_skips_grid=grid_skips, sweep_steps=swept_steps,
+                          sweep_n=upto(sweep_n, base.sweep_n),
+                          sweep_schedulers=None if sweep_schedulers is None else _names(sweep_schedulers))
     result = bench_skip(cfg, out_dir=out, show_progress=not as_json)
     g3 = lambda key: lambda r: r[key] if not isinstance(r[key], float) else f"{r[key]:.3g}"  # noqa: E731
     emit_rows(result["rows"], [Col(c, g3(c)) for c in ("scheduler", "method", "denoiser_calls", "speedup", "psnr_db",
