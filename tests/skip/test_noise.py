@@ -105,3 +105,31 @@ def test_sigma_scale_differences_are_speeds_on_the_embedded_model(embedded_pipe)
     speeds = [d[0] for d in report.diffs]
     assert report.scale == "sigma" and report.unscaled == [] and len(speeds) == 9
     assert all(0.05 < d < 5 for d in speeds), speeds
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("space", ["eps", "x0"])
+def test_every_parametrisation_converts_to_eps_or_x0_and_back(prediction, space):
+    from stepsaver.skip.noise import from_prediction, to_prediction
+
+    torch.manual_seed(1)
+    x0, eps = torch.randn(3, 4), torch.randn(3, 4)
+    level = NoiseLevel(sigma=0.6, alpha=1 / math.sqrt(1 + 0.36))
+    a, s = level.alpha, level.alpha * level.sigma
+    x = a * x0 + s * eps
+    out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction]
+    torch.testing.assert_close(from_prediction(out, x, level, prediction, space), eps if space == "eps" else x0)
+    torch.testing.assert_close(to_prediction(from_prediction(out, x, level, prediction, space), x, level,
+                                             prediction, space), out)
+
+
+def test_x0_reuse_changes_an_epsilon_model_and_stays_finite():
+    pipe = helpers.build_sd15()
+    outs = []
+    for reuse in ("output", "x0"):
+        enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.3, reuse=reuse))
+        outs.append(pipe("a red square", num_inference_steps=12, height=32, width=32, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).images)
+        assert skip_report(pipe).calls_saved > 0
+        disable_adaptive_skip(pipe)
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], outs[1])

@@ -14,7 +14,7 @@ from stepsaver.errors import StepsaverError
 __all__ = ["MIN_WARMUP", "REUSES", "SCALES", "AdaptiveSkipConfig"]
 
 SCALES = ("latent", "sigma")  # what D_j measures (see AdaptiveSkipConfig.scale)
-REUSES = ("output", "noise")  # what a skipped step reuses (see AdaptiveSkipConfig.reuse)
+REUSES = ("output", "noise", "x0")  # what a skipped step reuses (see AdaptiveSkipConfig.reuse)
 
 MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
 
@@ -55,7 +55,9 @@ class AdaptiveSkipConfig:
             code). ``"noise"`` (default): the noise prediction, as the paper states it; on a v-prediction
             model the cached ``v`` is turned into ``eps`` at its own step and back into ``v`` at
             the skipped one (a raw ``v`` mixes ``eps`` and ``x0`` in proportions that change with
-            the noise level). The same as ``"output"`` on epsilon and flow models.
+            the noise level). The same as ``"output"`` on epsilon and flow models. ``"x0"``: the
+            data prediction, re-expressed at the new step and latent (the noise part then follows
+            the latent, which matters for ancestral samplers that add fresh noise every step).
     """
 
     threshold: float = 0.02

@@ -49,6 +49,18 @@ How it is wired (decisions worth knowing):
   scheduler on ``batch * frames`` rows; the hook reads the frame count from the denoiser's 5-D
   input, so a video follows one path and its CFG rows are never split by frame. Pipelines that
   step the scheduler on CFG-duplicated latents (DiT) count one sample per image, not per CFG row.
+* **Scheduler-aware by default** (``scale="sigma"``, ``reuse="noise"``). ``D_j`` is measured in the
+  scheduler's variance-exploding ODE variable per unit of noise level crossed
+  (:mod:`stepsaver.skip.noise` reads the level from the scheduler after each step), so Karras,
+  Euler and flow-matching step sizes compare fairly; a skipped call of a v-prediction model reuses
+  the noise prediction re-expressed at the new step rather than the raw ``v``. The paper's rule
+  (raw latent differences, raw output) is ``scale="latent", reuse="output"``; ``compat=True``
+  reproduces the official code.
+* **torch.compile.** ``new_forward`` is skipped by dynamo and its bookkeeping is disabled, so only
+  the network's own forward is compiled, whichever was applied first (hook, then
+  ``torch.compile``/``module.compile()``, or the reverse), with no guards on the hook's state.
+* **diffusers' caches.** MagCache and TaylorSeer count the calls they see; a call answered from
+  our cache never reaches them, so the pair is refused in either order (``STEP_COUNTING_CACHES``).
 * **The report records what ran.** A step the policy marked skippable but that had to compute
   (no cached output yet, or another hook changed the row count) is reported as computed.
 """
@@ -76,7 +88,7 @@ from stepsaver.skip.criterion import (
     next_step_skipped_batched,
     official_next_step_skipped,
 )
-from stepsaver.skip.noise import NoiseLevel, call_level, eps_to_v, noise_level, v_to_eps
+from stepsaver.skip.noise import PREDICTIONS, NoiseLevel, call_level, from_prediction, noise_level, to_prediction
 
 __all__ = ["HOOK_NAME", "AdaptiveSkipConfig", "AdaptiveSkipHook", "CriterionPolicy", "SkipPolicy", "SkipReport",
            "disable_adaptive_skip", "enable_adaptive_skip", "skip_report", "split_output"]
@@ -548,10 +560,23 @@ class AdaptiveSkipHook(ModelHook):
         state.step_ran[-1] = _union(state.step_ran[-1], ran)
         return out
 
+    def _reuse_space(self) -> str | None:
+        """``"eps"`` or ``"x0"`` when reused outputs must be re-expressed at the new step, else ``None`` (raw).
+
+        Raw when ``reuse="output"``, when the model already predicts the reused quantity (noise
+        reuse on an epsilon model), and for flow-matching schedulers (no ``alphas_cumprod``: the
+        velocity is reused as it is).
+        """
+        reuse = self.config.reuse
+        scheduler = self._scheduler
+        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        if reuse == "output" or prediction not in PREDICTIONS or getattr(scheduler, "alphas_cumprod", None) is None:
+            return None
+        space = "eps" if reuse == "noise" else "x0"
+        return None if (space, prediction) in (("eps", "epsilon"), ("x0", "sample")) else space
+
     def _converts_noise(self) -> bool:
-        """Whether reused outputs go through the noise prediction (``reuse="noise"`` on a v-prediction model)."""
-        config = getattr(self._scheduler, "config", None)
-        return self.config.reuse == "noise" and getattr(config, "prediction_type", None) == "v_prediction"
+        return self._reuse_space() is not None
 
     def _level_now(self, args: tuple, kwargs: dict) -> NoiseLevel | None:
         return call_level(self._scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
@@ -574,8 +599,9 @@ class AdaptiveSkipHook(ModelHook):
                 x_prev.shape != cached.shape:
             return cached.clone()
         x = first[:, :channels].to(cached.dtype)
-        eps = v_to_eps(cached.float(), x_prev.float(), level_prev)
-        return eps_to_v(eps, x.float(), level).to(cached.dtype)
+        space, prediction = self._reuse_space(), self._scheduler.config.prediction_type
+        pred = from_prediction(cached.float(), x_prev.float(), level_prev, prediction, space)
+        return to_prediction(pred, x.float(), level, prediction, space).to(cached.dtype)
 
     # -- diffusers' end-of-call reset and the report ---------------------------------------------
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NoiseLevel", "call_level", "eps_to_v", "noise_level", "v_to_eps"]
+__all__ = ["NoiseLevel", "call_level", "eps_to_v", "from_prediction", "noise_level", "to_prediction", "v_to_eps"]
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -119,3 +121,31 @@ def eps_to_v(eps: Any, x: Any, level: NoiseLevel) -> Any:
     """Inverse of :func:`v_to_eps`: ``v = (eps - s x) / a`` with ``a^2 + s^2 = 1``."""
     a = level.alpha
     return (eps - (a * level.sigma) * x) / a
+
+
+def from_prediction(out: Any, x: Any, level: NoiseLevel, prediction_type: str, space: str) -> Any:
+    """The denoiser output ``out`` (made at input ``x``) as a noise (``space="eps"``) or data (``"x0"``) prediction.
+
+    Variance-preserving form: ``x = a x0 + s eps`` and ``v = a eps - s x0`` with ``a^2 + s^2 = 1``.
+    """
+    a, s = level.alpha, level.alpha * level.sigma
+    if prediction_type == "epsilon":
+        return out if space == "eps" else (x - s * out) / a
+    if prediction_type == "v_prediction":
+        return s * x + a * out if space == "eps" else a * x - s * out
+    if prediction_type == "sample":
+        return (x - a * out) / s if space == "eps" else out
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def to_prediction(pred: Any, x: Any, level: NoiseLevel, prediction_type: str, space: str) -> Any:
+    """Inverse of :func:`from_prediction`: the output the denoiser would give at ``x`` for this eps or x0."""
+    a, s = level.alpha, level.alpha * level.sigma
+    eps = pred if space == "eps" else (x - a * pred) / s
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return (eps - s * x) / a if space == "eps" else (a * x - pred) / s
+    if prediction_type == "sample":
+        return (x - s * pred) / a if space == "eps" else pred
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
