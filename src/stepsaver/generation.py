@@ -161,7 +161,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], steps: int | StepChooser 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            out = pipe(chunk, generator=generators, **kwargs)
+            out = pipe(chunk, generator=generators, **_true_cfg(pipe, accepted, guidance, len(chunk), kwargs))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -178,6 +178,22 @@ def generate_images(pipe: Any, prompts: Sequence[str], steps: int | StepChooser 
                 denoiser_calls=made, seconds=seconds, seed=seed, guidance=guidance,
                 scheduler=type(pipe.scheduler).__name__, extra=extra, path=path, batch_size=len(chunk)))
     return results
+
+
+def _true_cfg(pipe: Any, accepted: Any, guidance: float, n: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``guidance`` spent as true CFG on pipelines whose model has no guidance embedding.
+
+    Why: FluxPipeline (and its kin) read ``guidance_scale`` only as the input of a guidance-
+    distilled model's embedding; a model without one (our tiny-flux, Flux-schnell-style models)
+    needs ``true_cfg_scale`` and a negative prompt for classifier-free guidance, which diffusers
+    then runs as a second transformer call per step. An explicit ``negative_prompt`` or
+    ``true_cfg_scale`` of the caller wins.
+    """
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    if "true_cfg_scale" not in accepted or config is None or getattr(config, "guidance_embeds", True) \
+            or guidance <= 1 or "true_cfg_scale" in kwargs:
+        return kwargs
+    return {"negative_prompt": [""] * n, **kwargs, "true_cfg_scale": guidance}
 
 
 def generate(pipe: Any, prompt: str, steps: int | StepChooser = 30, seed: int | None = 0, guidance: float = 5.0,

@@ -80,3 +80,18 @@ def test_top_level_skip_door_is_the_skip_package():
     assert stepsaver.enable_adaptive_skip is skip.enable_adaptive_skip
     assert stepsaver.skip_report is skip.skip_report and stepsaver.disable_adaptive_skip is skip.disable_adaptive_skip
     assert callable(stepsaver.generate) and stepsaver.generate.__module__ == "stepsaver.generation"
+
+
+def test_guidance_is_true_cfg_on_a_flux_model_without_guidance_embedding():
+    """FluxPipeline ignores guidance_scale without a guidance embedding: generate_images spends it as true CFG."""
+    from tests import helpers
+
+    pipe = helpers.build_flux()
+    assert not pipe.transformer.config.guidance_embeds
+    kw = dict(height=32, width=32, max_sequence_length=16, output_type="np")
+    plain = generate_images(pipe, ["a red square"], steps=4, seeds=[0], guidance=1.0, **kw)[0]
+    cfg = generate_images(pipe, ["a red square"], steps=4, seeds=[0], guidance=4.0, **kw)[0]
+    assert plain.denoiser_calls == 4 and cfg.denoiser_calls == 8  # cond + uncond every step
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(cfg.images[0]))
+    own = generate_images(pipe, ["a red square"], steps=4, seeds=[0], guidance=4.0, true_cfg_scale=1.0, **kw)[0]
+    assert own.denoiser_calls == 4  # the caller's own true_cfg_scale wins
