@@ -291,6 +291,40 @@ def bench_skip_cmd(
               notes=[*(v["text"].replace("**", "") for v in result["targets"].values()), f"report: {result['md']}"])
 
 
+@app.command("caches")
+@command
+def bench_caches_cmd(
+    model: str = typer.Option("tiny-flux", "--model", "-m", help="A Flux-layout model (diffusers' caches need it)."),
+    n: int = typer.Option(200, "--n", help="Held-out scene prompts."),
+    calib_n: int = typer.Option(16, "--calib-n", help="Training-split prompts for MagCache's calibration."),
+    time_n: int = typer.Option(20, "--time-n", help="Prompts timed, every method in turn on each."),
+    steps: str = typer.Option("28,50", "--steps", help="Full step counts, comma-separated."),
+    guidance: float = typer.Option(4.0, "--guidance", "-g"),
+    seed: int = typer.Option(0, "--seed", help="Prompt i is rendered with seed + i."),
+    fid: bool = typer.Option(True, "--fid/--no-fid"),
+    adherence: bool = typer.Option(True, "--adherence/--no-adherence"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
+    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for caches.json, .md and .png."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Skip beside FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache and plain fewer steps (issue 19)."""
+    from stepsaver.bench.caches import CachesBenchConfig, bench_caches
+
+    try:
+        step_counts = tuple(int(v) for v in _names(steps))
+    except ValueError:
+        raise StepsaverError(f"--steps must be comma-separated integers, got {steps!r}") from None
+    cfg = CachesBenchConfig(model=model, n=n, calib_n=calib_n, time_n=min(time_n, n), steps=step_counts,
+                            guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads)
+    result = bench_caches(cfg, out_dir=out, progress=not as_json)
+    g3 = lambda key: lambda r: r[key] if not isinstance(r[key], float) else f"{r[key]:.3g}"  # noqa: E731
+    emit_rows(result["rows"], [Col(c, g3(c)) for c in ("steps", "method", "denoiser_calls", "speedup", "psnr_db",
+                                                      "lpips", "fid", "adherence")],
+              as_json, f"bench caches ({result['seconds'] / 60:.1f} min)",
+              payload={k: result[k] for k in ("targets", "seconds", "json", "md", "plots")},
+              notes=[*(v["text"].replace("**", "") for v in result["targets"].values()), f"report: {result['md']}"])
+
+
 @app.command("label-workers")
 @command
 def bench_label_workers_cmd(

@@ -1,0 +1,424 @@
+"""``stepsaver bench caches``: Skip beside diffusers' own caches on one Flux-layout model, in one run.
+
+Issue 19. Every method renders the same held-out scene captions with the same noise (prompt ``i``
+gets seed ``seed + i``), batch 1 (block caches decide per batch, so batching would change what
+they do), and is compared with the full-step images of the same scheduler, at each step count:
+
+* **full**: every step; **plain N**: fewer plain steps (a curve), and **iso-cost** plain steps at
+  each of our rows' denoiser calls: the baseline every method must beat;
+* **ours**: the Skip hook (:func:`stepsaver.skip.enable_adaptive_skip`), a threshold sweep;
+* diffusers' caches through ``pipe.transformer.enable_cache``: **FirstBlockCache** (threshold
+  sweep), **MagCache** (its ``mag_ratios`` measured by its own ``calibrate`` mode on calibration
+  prompts from the *training* split, disjoint from the eval captions), **TaylorSeer** (cache
+  interval x order), **PyramidAttentionBroadcast** and **FasterCache** (diffusers' documented
+  settings for Flux, the step read from ``pipe.current_timestep``).
+
+No knob is chosen on the eval prompts: every swept setting is a point on its method's curve, and
+MagCache's ratios come from the calibration prompts. Columns: denoiser calls (a block cache calls
+the transformer every step and saves inside it, which shows in MACs), MACs per image
+(``FlopCounterMode``), peak memory, median latency (round robin over ``time_n`` prompts),
+speedup (full median / method median), PSNR, LPIPS, FID against the full-step images, and
+adherence (the shipped scene reader).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepsaver.errors import StepsaverError
+from stepsaver.jsonsafe import finite
+
+__all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcache", "cache_verdicts"]
+
+SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
+DIFFUSERS_CACHES = ("fbc", "magcache", "taylorseer", "pab", "fastercache")
+NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "fbc": "FirstBlockCache",
+         "magcache": "MagCache", "taylorseer": "TaylorSeer", "pab": "PAB", "fastercache": "FasterCache"}
+COLUMNS = ["steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms", "speedup",
+           "psnr_db", "lpips", "fid", "adherence"]
+
+
+@dataclass(frozen=True)
+class CacheMethod:
+    """One way to render at ``steps``: plain steps, our hook, or one diffusers cache with its knobs."""
+
+    kind: str  # "full" | "plain" | "iso" | "ours" | one of DIFFUSERS_CACHES
+    steps: int
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        knobs = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.knobs)
+        return f"{NAMES[self.kind]}" + (f" ({knobs})" if knobs else "")
+
+    @property
+    def render_steps(self) -> int:
+        return dict(self.knobs).get("steps", self.steps)
+
+    def diffusers_config(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Any:
+        """The diffusers cache config of this method (``None`` for plain steps and ours)."""
+        import diffusers
+
+        k = dict(self.knobs)
+        now = lambda: pipe.current_timestep  # noqa: E731 - the step as the pipeline sees it
+        if self.kind == "fbc":
+            return diffusers.FirstBlockCacheConfig(threshold=k["threshold"])
+        if self.kind == "magcache":
+            if mag_ratios is None:
+                raise StepsaverError("MagCache needs ratios from its calibration run (calibrate_magcache)")
+            return diffusers.MagCacheConfig(threshold=k["threshold"], num_inference_steps=self.steps,
+                                            mag_ratios=list(mag_ratios))
+        if self.kind == "taylorseer":
+            return diffusers.TaylorSeerCacheConfig(cache_interval=k["interval"], max_order=k["order"],
+                                                   disable_cache_before_step=3)
+        if self.kind == "pab":
+            return diffusers.PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=now)
+        if self.kind == "fastercache":
+            return diffusers.FasterCacheConfig(
+                spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(-1, 681),
+                current_timestep_callback=now, attention_weight_callback=lambda _: 0.3,
+                is_guidance_distilled=True)  # Flux's true CFG runs cond and uncond as separate calls
+        return None
+
+    @contextlib.contextmanager
+    def applied(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
+        """Attach the method for the block and take it off again, whatever happens inside."""
+        if self.kind == "ours":
+            from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+
+            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=dict(self.knobs)["threshold"]))
+            try:
+                yield
+            finally:
+                disable_adaptive_skip(pipe)
+            return
+        config = self.diffusers_config(pipe, mag_ratios)
+        if config is None:
+            yield
+            return
+        pipe.transformer.enable_cache(config)
+        try:
+            yield
+        finally:
+            pipe.transformer.disable_cache()
+
+
+@dataclass
+class CachesBenchConfig:
+    """What ``bench_caches`` runs; the CLI exposes each field as an option."""
+
+    model: str = "tiny-flux"
+    n: int = 200
+    calib_n: int = 16  # MagCache calibration prompts (training split)
+    time_n: int = 20
+    macs_n: int = 1
+    steps: tuple[int, ...] = (28, 50)
+    guidance: float = 4.0
+    seed: int = 0
+    prompt_seed: int = 0
+    ours_thresholds: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    fbc_thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    magcache_thresholds: tuple[float, ...] = (0.03, 0.06, 0.12)
+    taylorseer: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (3, 2), (5, 1))
+    pab_skips: tuple[int, ...] = (2, 3)
+    fastercache_skips: tuple[int, ...] = (2,)
+    plain_fractions: tuple[float, ...] = (0.25, 0.4, 0.6)
+    fid: bool = True
+    adherence: bool = True
+    device: str = "auto"
+    threads: int | None = None
+    height: int | None = None  # None: the model's own size
+    extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.n < 2:
+            raise StepsaverError(f"--n must be >= 2 (FID needs two images per set), got {self.n}")
+        for name in ("calib_n", "time_n", "macs_n"):
+            value = getattr(self, name)
+            if not 1 <= value <= (self.n if name != "calib_n" else 10_000):
+                raise StepsaverError(f"--{name.replace('_', '-')} must be in 1..{self.n}, got {value}")
+        if not self.steps or any(s < 5 for s in self.steps):
+            raise StepsaverError(f"--steps must be step counts >= 5, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise StepsaverError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+        if any(not 0 < f < 1 for f in self.plain_fractions):
+            raise StepsaverError(f"plain fractions must be in (0, 1), got {self.plain_fractions}")
+
+    def methods(self, steps: int) -> list[CacheMethod]:
+        """Every row at ``steps`` except the iso-cost ones (known after ours ran)."""
+        rows = [CacheMethod("full", steps)]
+        rows += [CacheMethod("plain", steps, (("steps", max(2, round(steps * f))),)) for f in self.plain_fractions]
+        rows += [CacheMethod("ours", steps, (("threshold", t),)) for t in self.ours_thresholds]
+        rows += [CacheMethod("fbc", steps, (("threshold", t),)) for t in self.fbc_thresholds]
+        rows += [CacheMethod("magcache", steps, (("threshold", t),)) for t in self.magcache_thresholds]
+        rows += [CacheMethod("taylorseer", steps, (("interval", i), ("order", o))) for i, o in self.taylorseer]
+        rows += [CacheMethod("pab", steps, (("skip", k),)) for k in self.pab_skips]
+        rows += [CacheMethod("fastercache", steps, (("skip", k),)) for k in self.fastercache_skips]
+        return rows
+
+
+def refuse_unsupported(pipe: Any, kinds: Sequence[str]) -> None:
+    """One clear error when a diffusers cache cannot attach to this model (not a ``CacheMixin``)."""
+    needs = sorted({NAMES[k] for k in kinds if k in DIFFUSERS_CACHES})
+    denoiser = getattr(pipe, "transformer", None)
+    if needs and not callable(getattr(denoiser, "enable_cache", None)):
+        raise StepsaverError(
+            f"{', '.join(needs)} attach through diffusers' CacheMixin.enable_cache, which "
+            f"{type(getattr(pipe, 'transformer', None) or getattr(pipe, 'unet', None)).__name__} does not have; "
+            "bench caches needs a Flux-layout model such as tiny-flux (--model tiny-flux)")
+
+
+def calibrate_magcache(pipe: Any, prompts: Sequence[str], steps: int, seeds: Sequence[int], guidance: float,
+                       **call_kwargs: Any) -> list[float]:
+    """MagCache's per-step magnitude ratios from its own ``calibrate`` mode, averaged over ``prompts``.
+
+    diffusers prints the ratios of each run (one list per cache context: Flux's true CFG runs a
+    "cond" and an "uncond" context) when the run ends; they are read from that output.
+    """
+    import diffusers
+
+    from stepsaver.generation import generate_images
+
+    runs: list[list[float]] = []
+    pipe.transformer.enable_cache(diffusers.MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                generate_images(pipe, [prompt], steps=steps, seeds=[seed], guidance=guidance, output_type="latent",
+                                **call_kwargs)
+            for line in buffer.getvalue().splitlines():
+                text = line.strip()
+                if not (text.startswith("[") and text.endswith("]")):
+                    continue  # the "[MagCache] Calibration Complete..." heading
+                try:
+                    values = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(values, list) and len(values) == steps:
+                    runs.append([float(v) for v in values])
+    finally:
+        pipe.transformer.disable_cache()
+    if not runs:
+        raise StepsaverError("MagCache's calibration printed no ratios; this diffusers version reports them "
+                             "differently (expected a list per run on stdout)")
+    ratios = np.mean(np.array(runs), axis=0)
+    if not np.isfinite(ratios).all():
+        raise StepsaverError("MagCache's calibration gave non-finite ratios (the model's residuals vanish)")
+    return [float(v) for v in ratios]
+
+
+def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesBenchConfig,
+            mag: dict[int, list[float]]) -> tuple[np.ndarray, int, float]:
+    from stepsaver.generation import generate_images
+
+    kwargs = dict(cfg.extra_call_kwargs)
+    if cfg.height:
+        kwargs.update(height=cfg.height, width=cfg.height)
+    with method.applied(pipe, mag.get(method.steps)):
+        r = generate_images(pipe, [prompt], steps=method.render_steps, seeds=[seed], guidance=cfg.guidance,
+                            output_type="np", **kwargs)[0]
+    image = (np.asarray(r.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
+    return image, r.denoiser_calls, r.seconds
+
+
+def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
+    """Issue 19's targets from the rows, per step count.
+
+    In the speedup band 1.5x-3x, each of our rows must have higher PSNR and lower LPIPS than every
+    diffusers-cache row at equal or greater speedup, and beat its iso-cost plain-steps row.
+    """
+    out: dict[str, Any] = {}
+    for steps in sorted({r["steps"] for r in rows}):
+        at = [r for r in rows if r["steps"] == steps]
+        ours = [r for r in at if r["kind"] == "ours" and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
+        caches = [r for r in at if r["kind"] in DIFFUSERS_CACHES]
+        losses, iso_losses = [], []
+        for o in ours:
+            for c in caches:
+                if c["speedup"] >= o["speedup"] and not (o["psnr_db"] > c["psnr_db"] and o["lpips"] < c["lpips"]):
+                    losses.append(f"{o['method']} {o['speedup']:.2f}x {o['psnr_db']:.1f} dB vs {c['method']} "
+                                  f"{c['speedup']:.2f}x {c['psnr_db']:.1f} dB")
+            iso = next((r for r in at if r["kind"] == "iso" and o["method"] in r["iso_of"]), None)
+            if iso is not None and not (o["psnr_db"] > iso["psnr_db"] and o["lpips"] < iso["lpips"]):
+                iso_losses.append(f"{o['method']} vs {iso['method']}")
+        holds = bool(ours) and not losses and not iso_losses
+        text = (f"**{steps} steps: {'holds' if holds else 'does not hold'}** — {len(ours)} of our settings in the "
+                f"{SPEEDUP_RANGE[0]:g}x-{SPEEDUP_RANGE[1]:g}x band"
+                + (f"; beaten or tied by a cache at equal or greater speedup: {'; '.join(losses)}" if losses else "")
+                + (f"; not better than plain steps at the same calls: {'; '.join(iso_losses)}" if iso_losses else "")
+                + ".")
+        if not ours:
+            text = f"**{steps} steps: not evaluated** — none of our settings landed in the speedup band."
+        out[f"steps_{steps}"] = {"holds": holds if ours else None, "losses": losses, "iso_losses": iso_losses,
+                                 "text": text}
+    return out
+
+
+def _pareto_plot(out: Path, rows: Sequence[dict]) -> Path:
+    from stepsaver.measure.report import pyplot
+
+    plt = pyplot()
+    steps = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(1, len(steps), figsize=(5.6 * len(steps), 4.4), dpi=120, squeeze=False)
+    for ax, n in zip(axes[0], steps, strict=True):
+        for kind in ("plain", "ours", *DIFFUSERS_CACHES):
+            pts = sorted((r["speedup"], r["psnr_db"]) for r in rows if r["steps"] == n and r["kind"] == kind
+                         and r["psnr_db"] is not None)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o" if kind == "ours" else ".", ms=5,
+                        lw=2.0 if kind == "ours" else 1.0, label=NAMES[kind])
+        ax.axvspan(*SPEEDUP_RANGE, color="grey", alpha=0.08)
+        ax.set_xlabel("speedup vs full steps (median latency ratio)")
+        ax.set_ylabel("PSNR vs the full-step image (dB)")
+        ax.set_title(f"{n} steps", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "caches.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "docs/results", pipe: Any = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run the comparison, write caches.{json,md,png} under ``out_dir``, return rows and verdicts.
+
+    ``pipe`` replaces loading ``cfg.model`` (tests pass a tiny random Flux pipeline).
+    """
+    import torch
+
+    from stepsaver.bench.skip import _lpips, _psnr, peak_memory_bytes
+    from stepsaver.measure.cost import count_macs
+    from stepsaver.measure.report import write_report
+    from stepsaver.scenes import SceneGenerator
+
+    cfg = cfg or CachesBenchConfig()
+    cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    try:
+        if pipe is None:
+            from stepsaver.pipelines import load_pipeline
+
+            pipe = load_pipeline(cfg.model, scheduler=None, device=cfg.device)
+        refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
+        gen = SceneGenerator(seed=cfg.prompt_seed, split="eval")
+        scenes = [gen.sample(i) for i in range(cfg.n)]
+        prompts = [s.caption for s in scenes]
+        seeds = [cfg.seed + i for i in range(cfg.n)]
+        calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
+        calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
+        extra = dict(cfg.extra_call_kwargs, **({"height": cfg.height, "width": cfg.height} if cfg.height else {}))
+        mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance, **extra)
+               for s in cfg.steps} if cfg.magcache_thresholds else {}
+        scorer = None
+        if cfg.adherence:
+            from stepsaver.measure.adherence import AdherenceScorer
+
+            scorer = AdherenceScorer.load()
+        rows: list[dict] = []
+        for steps in cfg.steps:
+            rows += _block(pipe, cfg, steps, prompts, seeds, scenes, mag, scorer, progress,
+                           (_psnr, _lpips, peak_memory_bytes, count_macs))
+    finally:
+        torch.set_num_threads(threads)
+    verdicts = cache_verdicts(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = _pareto_plot(out, rows)
+    elapsed = time.perf_counter() - t0
+    summary = "\n".join([
+        f"{cfg.n} held-out scene prompts (eval split), batch 1, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, guidance "
+        f"{cfg.guidance:g} (true CFG); quality against the full-step images of the same scheduler. MagCache ratios "
+        f"from its calibrate mode on {cfg.calib_n} training-split prompts. Run took {elapsed / 60:.1f} min.", "",
+        "## Targets", "", *(v["text"] for v in verdicts.values()), "",
+        "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
+        "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
+        "skips whole calls."])
+    table = [{k: v for k, v in r.items() if k not in ("per_image",)} for r in rows]
+    paths = write_report("caches", finite(table), title=f"Caches: Skip beside diffusers' caches on {cfg.model}",
+                         summary=summary, extra=finite({"config": asdict(cfg) | {"extra_call_kwargs": None},
+                                                        "targets": verdicts, "magcache_ratios": mag,
+                                                        "seconds": elapsed}),
+                         plots=[plot], out_dir=out, columns=COLUMNS)
+    return {"rows": table, "targets": verdicts, "seconds": elapsed, "json": str(paths["json"]),
+            "md": str(paths["md"]), "plots": [str(plot)]}
+
+
+def _block(pipe: Any, cfg: CachesBenchConfig, steps: int, prompts: list[str], seeds: list[int], scenes: list,
+           mag: dict[int, list[float]], scorer: Any, progress: bool, tools: tuple) -> list[dict]:
+    """Every method at one step count: renders, iso-cost rows, MACs, memory, timing and quality."""
+    psnr, lpips, peak_memory_bytes, count_macs = tools
+    methods = cfg.methods(steps)
+    images: dict[CacheMethod, np.ndarray] = {}
+    calls: dict[CacheMethod, list[int]] = {}
+
+    def render_all(method: CacheMethod) -> None:
+        out = [_render(pipe, method, p, s, cfg, mag) for p, s in zip(prompts, seeds, strict=True)]
+        images[method] = np.stack([o[0] for o in out])
+        calls[method] = [o[1] for o in out]
+        if progress:
+            print(f"{steps} steps: {method.label}: {np.mean(calls[method]):.1f} calls", flush=True)
+
+    for method in methods:
+        render_all(method)
+    full = methods[0]
+    per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
+    iso_of: dict[CacheMethod, list[str]] = {}
+    for method in [m for m in methods if m.kind == "ours"]:
+        n_iso = max(2, min(steps, round(np.mean(calls[method]) / per_step)))
+        iso = CacheMethod("iso", steps, (("steps", n_iso),))
+        if iso not in images:
+            render_all(iso)
+            methods.append(iso)
+        iso_of.setdefault(iso, []).append(method.label)
+    seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
+    for m in methods:  # one untimed call each (allocations, lazy imports)
+        _render(pipe, m, prompts[0], seeds[0], cfg, mag)
+    for i in range(cfg.time_n):
+        for m in methods:
+            seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
+    median = {m: statistics.median(v) for m, v in seconds.items()}
+    ref = images[full]
+    fid_ref = None
+    if cfg.fid:
+        from stepsaver.measure.fid import features, fid_from_features
+
+        fid_ref = features(ref)
+    rows = []
+    for m in methods:
+        macs = count_macs(lambda m=m: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
+                                       for i in range(cfg.macs_n)]) / cfg.macs_n
+        peak = peak_memory_bytes(lambda m=m: _render(pipe, m, prompts[0], seeds[0], cfg, mag))
+        same = m is full
+        q_psnr = psnr(images[m], ref)
+        q_lpips = lpips(images[m], ref)
+        row = {"steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
+               "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": macs / 1e9,
+               "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
+               "speedup": median[full] / median[m], "psnr_db": None if same else float(np.mean(q_psnr)),
+               "lpips": float(np.mean(q_lpips)), "fid": None, "adherence": None,
+               "iso_of": iso_of.get(m, [])}
+        if cfg.fid:
+            row["fid"] = 0.0 if same else fid_from_features(fid_ref, features(images[m]))
+        if scorer is not None:
+            row["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
+        rows.append(row)
+    return rows

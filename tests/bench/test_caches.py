@@ -1,0 +1,62 @@
+"""A toy ``bench caches`` run on a tiny random Flux pipeline, and its verdict rules (issue 19)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepsaver.bench.caches import CachesBenchConfig, bench_caches, cache_verdicts, refuse_unsupported
+from stepsaver.errors import StepsaverError
+from tests import helpers
+
+
+def test_toy_run_has_every_method_and_writes_the_report(tmp_path):
+    cfg = CachesBenchConfig(n=2, calib_n=1, time_n=1, steps=(6,), ours_thresholds=(0.05, 0.5),
+                            fbc_thresholds=(0.2,), magcache_thresholds=(0.1,), taylorseer=((2, 1),), pab_skips=(2,),
+                            fastercache_skips=(2,), plain_fractions=(0.5,), fid=False, adherence=False, height=32,
+                            extra_call_kwargs={"max_sequence_length": 16}, threads=1)
+    result = bench_caches(cfg, out_dir=tmp_path, pipe=helpers.build_flux(), progress=False)
+    kinds = [r["kind"] for r in result["rows"]]
+    assert set(kinds) == {"full", "plain", "ours", "fbc", "magcache", "taylorseer", "pab", "fastercache", "iso"}
+    by = {r["method"]: r for r in result["rows"]}
+    full = by["full"]
+    assert full["denoiser_calls"] == 12 and full["speedup"] == 1.0  # true CFG: two transformer calls a step
+    assert by["ours (threshold=0.5)"]["denoiser_calls"] < 12  # ours skips whole calls
+    assert by["FirstBlockCache (threshold=0.2)"]["denoiser_calls"] == 12  # a block cache calls every step
+    assert all(r["gmacs_per_image"] > 0 and r["median_latency_ms"] > 0 for r in result["rows"])
+    assert any("ours (threshold=0.5)" in r["iso_of"] for r in result["rows"] if r["kind"] == "iso")
+    payload = json.loads((tmp_path / "caches.json").read_text())
+    assert len(payload["magcache_ratios"]["6"]) == 6 and "steps_6" in payload["targets"]
+    assert (tmp_path / "caches.png").stat().st_size > 0 and "## Targets" in (tmp_path / "caches.md").read_text()
+
+
+def _r(kind, speedup, psnr, lpips, method=None, iso_of=()):
+    return {"steps": 28, "kind": kind, "method": method or kind, "speedup": speedup, "psnr_db": psnr,
+            "lpips": lpips, "iso_of": list(iso_of)}
+
+
+def test_verdicts_compare_at_equal_or_greater_speedup_and_against_iso_cost():
+    rows = [_r("ours", 2.0, 35.0, 0.02, "ours a"), _r("fbc", 1.8, 40.0, 0.01), _r("pab", 2.2, 30.0, 0.05),
+            _r("iso", 2.0, 33.0, 0.03, "iso 14", iso_of=["ours a"])]
+    v = cache_verdicts(rows)["steps_28"]
+    assert v["holds"] is True  # fbc is better but slower than ours: not a loss
+    rows.append(_r("taylorseer", 2.5, 36.0, 0.015))
+    v = cache_verdicts(rows)["steps_28"]
+    assert v["holds"] is False and "taylorseer" in v["text"]
+    rows = [_r("ours", 2.0, 35.0, 0.02, "ours a"), _r("iso", 2.0, 36.0, 0.01, "iso 14", iso_of=["ours a"])]
+    assert cache_verdicts(rows)["steps_28"]["iso_losses"] == ["ours a vs iso 14"]
+    assert cache_verdicts([_r("ours", 4.0, 30.0, 0.1)])["steps_28"]["holds"] is None  # outside the band
+
+
+def test_a_model_without_cache_mixin_is_refused_with_the_reason():
+    with pytest.raises(StepsaverError, match="CacheMixin.*UNet2DConditionModel.*tiny-flux"):
+        refuse_unsupported(helpers.build_sd15(), ["fbc", "ours"])
+    refuse_unsupported(helpers.build_sd15(), ["ours", "plain"])  # ours alone runs anywhere
+
+
+def test_bad_settings_are_one_line_errors():
+    for kwargs, match in (({"n": 1}, "--n must be >= 2"), ({"steps": (3,)}, "--steps"),
+                          ({"guidance": float("nan")}, "--guidance"), ({"time_n": 0}, "--time-n")):
+        with pytest.raises(StepsaverError, match=match):
+            CachesBenchConfig(**kwargs).validate()
