@@ -269,7 +269,7 @@ def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
 
 
 def _pareto_plot(out: Path, rows: Sequence[dict]) -> Path:
-    from stepsaver.measure.report import pyplot
+    from stepsaver.measure.report import pyplot, save_plot
 
     plt = pyplot()
     steps = sorted({r["steps"] for r in rows})
@@ -282,16 +282,11 @@ def _pareto_plot(out: Path, rows: Sequence[dict]) -> Path:
                 ax.plot(*zip(*pts, strict=True), marker="o" if kind == "ours" else ".", ms=5,
                         lw=2.0 if kind == "ours" else 1.0, label=NAMES[kind])
         ax.axvspan(*SPEEDUP_RANGE, color="grey", alpha=0.08)
-        ax.set_xlabel("speedup vs full steps (median latency ratio)")
-        ax.set_ylabel("PSNR vs the full-step image (dB)")
+        ax.set(xlabel="speedup vs full steps (median latency ratio)", ylabel="PSNR vs the full-step image (dB)")
         ax.set_title(f"{n} steps", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "caches.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_plot(fig, out / "caches.png")
 
 
 def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "docs/results", pipe: Any = None,

@@ -834,10 +834,9 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
 
 
 def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
-    import matplotlib
+    from stepsaver.measure.report import pyplot, save_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = sorted({r["steps"] for r in sweep})
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4.2), dpi=120, squeeze=False)
@@ -853,16 +852,11 @@ def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
             ax.scatter([], [], marker=marker, color=colour, label={"iso": "iso-cost plain steps"}.get(name, name))
         ax.axhline(SWEEP_PSNR_TARGET, color="grey", lw=0.8, ls="--")
         ax.axvline(SWEEP_CALLS_TARGET, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("fewer denoiser calls than the full run (x)")
-        ax.set_ylabel("PSNR vs the full run (dB)")
-        ax.set_title(f"every scheduler, {n} steps", fontsize=9)
+        ax.set(xlabel="fewer denoiser calls than the full run (x)", ylabel="PSNR vs the full run (dB)",
+               title=f"every scheduler, {n} steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "skip-schedulers.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [save_plot(fig, out / "skip-schedulers.png")]
 
 
 # --- entry points ------------------------------------------------------------------------------------
