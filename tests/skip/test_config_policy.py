@@ -21,7 +21,7 @@ def test_config_is_frozen_hashable_and_keeps_the_only_defaults():
     assert BatchKey(steps=20, skip=a) != BatchKey(steps=20, skip=AdaptiveSkipConfig(max_skips=2))
     with pytest.raises(StepsaverError, match="threshold"):
         AdaptiveSkipConfig(threshold=float("nan"))
-    for bad in (dict(scale="log"), dict(reuse="x0")):
+    for bad in (dict(scale="log"), dict(reuse="latent")):
         with pytest.raises(StepsaverError, match=next(iter(bad))):
             AdaptiveSkipConfig(**bad)
     official = AdaptiveSkipConfig(threshold=0.01, compat=True)  # compat implies the official measure and reuse
