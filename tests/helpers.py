@@ -40,25 +40,16 @@ def _clip_text(vocab_size: int, projection: bool = False):
 
 
 def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=8, sample_size=32)
+    return _tiny_vae()
 
 
 def tiny_sd15(folder: Path) -> Path:
     """Save a random StableDiffusionPipeline (SD-1.5 layout, 32 px) to ``folder``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(0)
     tok = _clip_tokenizer(folder / "_tok")
-    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=4, norm_num_groups=8)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          clip_sample=False, set_alpha_to_one=False)
+    unet, sched = _sd_unet(), _sd_scheduler()  # the UNet draws its weights before the VAE, as it always did
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -68,21 +59,9 @@ def tiny_sd15(folder: Path) -> Path:
 
 def tiny_sdxl(folder: Path) -> Path:
     """Save a random StableDiffusionXLPipeline (two text encoders, added_cond_kwargs) to ``folder``."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
-    torch.manual_seed(0)
-    tok = _clip_tokenizer(folder / "_tok")
-    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-                                attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
-                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-                                transformer_layers_per_block=(1, 1))
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_clip_text(len(tok)), tokenizer=tok,
-                                     text_encoder_2=_clip_text(len(tok), projection=True), tokenizer_2=tok,
-                                     unet=unet, scheduler=sched)
+    pipe = StableDiffusionXLPipeline(**_sdxl_components(_clip_tokenizer(folder / "_tok")))
     pipe.save_pretrained(folder / "sdxl")
     return folder / "sdxl"
 
@@ -226,11 +205,12 @@ def build_sd_controlnet():
     return StableDiffusionControlNetPipeline(controlnet=controlnet.eval(), **components)
 
 
-def _sdxl_components() -> dict:
+def _sdxl_components(tok=None) -> dict:
+    """SDXL's parts (``tok``: a tokenizer saved to disk for pipelines that are saved; in memory otherwise)."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    tok = _memory_clip_tokenizer()
+    tok = _memory_clip_tokenizer() if tok is None else tok
     unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,

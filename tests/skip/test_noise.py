@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip, skip_report
-from stepsaver.skip.noise import NoiseLevel, call_level, eps_to_v, noise_level, v_to_eps
+from stepsaver.skip.noise import NoiseLevel, call_level, from_prediction, noise_level, to_prediction
 from tests import helpers
 
 
@@ -75,8 +75,8 @@ def test_v_and_eps_convert_exactly_at_a_known_level():
     a, s = level.alpha, level.alpha * level.sigma  # variance-preserving alpha_t, sigma_t
     x = a * x0 + s * eps
     v = a * eps - s * x0
-    torch.testing.assert_close(v_to_eps(v, x, level), eps)
-    torch.testing.assert_close(eps_to_v(eps, x, level), v)
+    torch.testing.assert_close(from_prediction(v, x, level, "v_prediction", "eps"), eps)
+    torch.testing.assert_close(to_prediction(eps, x, level, "v_prediction", "eps"), v)
 
 
 def test_noise_reuse_is_the_raw_reuse_on_an_epsilon_model():
@@ -110,8 +110,6 @@ def test_sigma_scale_differences_are_speeds_on_the_embedded_model(embedded_pipe)
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("space", ["eps", "x0"])
 def test_every_parametrisation_converts_to_eps_or_x0_and_back(prediction, space):
-    from stepsaver.skip.noise import from_prediction, to_prediction
-
     torch.manual_seed(1)
     x0, eps = torch.randn(3, 4), torch.randn(3, 4)
     level = NoiseLevel(sigma=0.6, alpha=1 / math.sqrt(1 + 0.36))

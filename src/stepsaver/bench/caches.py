@@ -143,6 +143,10 @@ class CachesBenchConfig:
     height: int | None = None  # None: the model's own size
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """What every render passes to the pipeline besides prompt, steps, seed and guidance."""
+        return {**self.extra_call_kwargs, **({"height": self.height, "width": self.height} if self.height else {})}
+
     def validate(self) -> None:
         if self.n < 2:
             raise StepsaverError(f"--n must be >= 2 (FID needs two images per set), got {self.n}")
@@ -225,12 +229,9 @@ def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesB
             mag: dict[int, list[float]]) -> tuple[np.ndarray, int, float]:
     from stepsaver.generation import generate_images
 
-    kwargs = dict(cfg.extra_call_kwargs)
-    if cfg.height:
-        kwargs.update(height=cfg.height, width=cfg.height)
     with method.applied(pipe, mag.get(method.steps)):
         r = generate_images(pipe, [prompt], steps=method.render_steps, seeds=[seed], guidance=cfg.guidance,
-                            output_type="np", **kwargs)[0]
+                            output_type="np", **cfg.call_kwargs())[0]
     image = (np.asarray(r.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
     return image, r.denoiser_calls, r.seconds
 
@@ -320,8 +321,8 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         seeds = [cfg.seed + i for i in range(cfg.n)]
         calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
         calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
-        extra = dict(cfg.extra_call_kwargs, **({"height": cfg.height, "width": cfg.height} if cfg.height else {}))
-        mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance, **extra)
+        mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance,
+                                     **cfg.call_kwargs())
                for s in cfg.steps} if cfg.magcache_thresholds else {}
         scorer = None
         if cfg.adherence:

@@ -553,7 +553,7 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     for key, label, method in methods:
         results[key] = bench.renders(method, cfg.n, label)
     ours_calls = _mean([r.calls for r in results["ours"]])
-    iso_steps = max(1, min(cfg.steps, round(ours_calls)))
+    iso_steps = _iso_steps(ours_calls, scheduler, cfg.steps)
     methods.append(("iso", f"iso-cost fixed {iso_steps} steps", Method("plain", iso_steps)))
     results["iso"] = bench.renders(methods[-1][2], cfg.n, methods[-1][1])
     reference = results["full"]
@@ -569,7 +569,7 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
             for c_max in cfg.max_skips_grid:
                 cell = bench.renders(Method("skip", cfg.steps, delta, c_max), m, f"ablation delta={delta:g} C={c_max}")
                 q = _quality(cell, ref_m)
-                n_iso = max(1, min(cfg.steps, round(q["denoiser_calls"])))
+                n_iso = _iso_steps(q["denoiser_calls"], scheduler, cfg.steps)
                 iso_q = _quality(bench.renders(Method("plain", n_iso), m, f"ablation iso {n_iso} steps"), ref_m)
                 grid_rows.append({"scheduler": scheduler, "delta": delta, "max_skips": c_max,
                                   "denoiser_calls": q["denoiser_calls"],

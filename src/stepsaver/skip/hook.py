@@ -536,10 +536,9 @@ class AdaptiveSkipHook(ModelHook):
             ran: list[bool] | bool = True
             main, state.rebuild[position] = split_output(out)
             state.cache[position] = main.detach().clone()
-            if self._converts_noise() and main.ndim > 1 and call.first.ndim > 1 and \
+            if self._reuse_space() is not None and main.ndim > 1 and call.first.ndim > 1 and \
                     call.first.shape[1] >= main.shape[1]:
-                state.cache_input[position] = (call.first[:, : main.shape[1]].detach().to(main.dtype).clone(),
-                                               self._level_now(call.args, call.kwargs))
+                self._remember_input(call, main)
             state.denoiser_calls += 1
             state.rows_computed += call.rows
         elif call.kind == "reuse":
@@ -551,8 +550,7 @@ class AdaptiveSkipHook(ModelHook):
             full[call.index] = main.to(full.dtype)
             state.cache[position] = full
             if position in state.cache_input:  # every row is now expressed at this step: its input and level
-                state.cache_input[position] = (call.first[:, : full.shape[1]].detach().to(full.dtype).clone(),
-                                               self._level_now(call.args, call.kwargs))
+                self._remember_input(call, full)
             state.denoiser_calls += 1
             state.rows_computed += len(call.index)
             out = state.rebuild[position](full.clone())
@@ -575,22 +573,26 @@ class AdaptiveSkipHook(ModelHook):
         space = "eps" if reuse == "noise" else "x0"
         return None if (space, prediction) in (("eps", "epsilon"), ("x0", "sample")) else space
 
-    def _converts_noise(self) -> bool:
-        return self._reuse_space() is not None
+    def _remember_input(self, call: _Call, output: torch.Tensor) -> None:
+        """Keep the latent input and noise level ``output`` was made at (what re-expressing it needs)."""
+        x = call.first[:, : output.shape[1]].detach().to(output.dtype).clone()
+        self.state.cache_input[call.position] = (x, self._level_now(call.args, call.kwargs))
 
     def _level_now(self, args: tuple, kwargs: dict) -> NoiseLevel | None:
         return call_level(self._scheduler, kwargs.get("timestep", args[1] if len(args) > 1 else None))
 
     def _reused(self, state: _SkipState, position: int, first: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The cached output for this call; with ``reuse="noise"`` its noise prediction, re-expressed at this step.
+        """The cached output for this call; with ``reuse="noise"``/``"x0"`` re-expressed at this step.
 
         A v-prediction ``v = alpha eps - sigma x0`` depends on the noise level and the latent it was
         made at; the noise prediction ``eps = sigma x + alpha v`` is what AdaptiveDiffusion reuses, so
-        it is recovered from the cached step's input and level and turned back into ``v`` with this
-        step's (``eps_to_v``). Without a readable level the raw output is reused.
+        it is recovered from the cached step's input and level (``from_prediction``) and turned back
+        into ``v`` with this step's (``to_prediction``). Without a readable level the raw output is
+        reused.
         """
         cached = state.cache[position]
-        if not self._converts_noise() or position not in state.cache_input:
+        space = self._reuse_space()
+        if space is None or position not in state.cache_input:
             return cached.clone()
         x_prev, level_prev = state.cache_input[position]
         level = self._level_now(args, kwargs)
@@ -598,10 +600,9 @@ class AdaptiveSkipHook(ModelHook):
         if level is None or level_prev is None or first.ndim < 2 or first.shape[1] < channels or \
                 x_prev.shape != cached.shape:
             return cached.clone()
-        x = first[:, :channels].to(cached.dtype)
-        space, prediction = self._reuse_space(), self._scheduler.config.prediction_type
+        prediction = self._scheduler.config.prediction_type
         pred = from_prediction(cached.float(), x_prev.float(), level_prev, prediction, space)
-        return to_prediction(pred, x.float(), level, prediction, space).to(cached.dtype)
+        return to_prediction(pred, first[:, :channels].float(), level, prediction, space).to(cached.dtype)
 
     # -- diffusers' end-of-call reset and the report ---------------------------------------------
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["NoiseLevel", "call_level", "eps_to_v", "from_prediction", "noise_level", "to_prediction", "v_to_eps"]
+__all__ = ["NoiseLevel", "call_level", "from_prediction", "noise_level", "to_prediction"]
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -109,18 +109,6 @@ def call_level(scheduler: Any, timestep: Any = None) -> NoiseLevel | None:
     if not math.isfinite(sigma):
         return None
     return NoiseLevel(sigma=sigma, alpha=1.0 / math.sqrt(1.0 + sigma * sigma))
-
-
-def v_to_eps(v: Any, x: Any, level: NoiseLevel) -> Any:
-    """Noise prediction from a v-prediction at a variance-preserving input ``x``: ``eps = s x + a v``."""
-    a = level.alpha
-    return (a * level.sigma) * x + a * v
-
-
-def eps_to_v(eps: Any, x: Any, level: NoiseLevel) -> Any:
-    """Inverse of :func:`v_to_eps`: ``v = (eps - s x) / a`` with ``a^2 + s^2 = 1``."""
-    a = level.alpha
-    return (eps - (a * level.sigma) * x) / a
 
 
 def from_prediction(out: Any, x: Any, level: NoiseLevel, prediction_type: str, space: str) -> Any:
