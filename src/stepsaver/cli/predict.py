@@ -29,6 +29,8 @@ def label(
     scheduler: str = typer.Option("ddim", "--scheduler", "-s"),
     steps: str = typer.Option("10:100:10", "--steps", help="Step grid, start:stop:step or a list 10,20,50."),
     seed: int = typer.Option(0, "--seed", help="Initial noise, the same for every step count."),
+    seeds: int = typer.Option(1, "--seeds", help="Noises per prompt: seeds SEED..SEED+N-1, one row each "
+                                                 "(3 lets `dataset` measure how much the prompt decides the label)."),
     guidance: float = typer.Option(5.0, "--guidance", "-g"),
     rule: str = typer.Option("first-decline", "--rule", help="Rule shown in the summary: first-decline or converged."),
     tau: float | None = typer.Option(None, "--tau", help="SSIM tolerance of the converged rule."),
@@ -56,7 +58,7 @@ def label(
     if not texts:
         raise StepsaverError(f"{prompts} holds no prompts")
     cfg = LabelConfig(model=model, scheduler=scheduler, steps=grid, seed=seed, guidance=guidance,
-                      tau=DEFAULT_TAU if tau is None else tau)
+                      tau=DEFAULT_TAU if tau is None else tau, n_seeds=seeds)
     summary = label_file(texts, out, cfg, batch=batch, workers=workers, device=device, ray_address=ray_address,
                          save_images=save_images, rule=rule, progress=not as_json, console=err_console)
     emit(summary, as_json, "labels")
@@ -78,8 +80,22 @@ def dataset(
     report: str | None = typer.Option(None, "--report", help="Also write docs/results/<name>.{json,md,png}."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Prepare labels for training: clean, label by rule, hold out test, balance, split 9:1."""
-    from stepsaver.predict.dataset import DatasetConfig, label_report, prepare_dataset, read_label_rows, write_dataset
+    """Prepare labels for training: clean, label by rule, hold out test, balance, split 9:1.
+
+    With several seeds per prompt (`label --seeds N`) it also reports predictability: the share
+    of label variance the prompt explains and the best any text-only recommender can score
+    (printed, in the JSON payload and in dataset.json).
+    """
+    from stepsaver.predict.dataset import (
+        DatasetConfig,
+        label_report,
+        predictability,
+        predictability_summary,
+        prepare_dataset,
+        read_label_rows,
+        several_seeds,
+        write_dataset,
+    )
     from stepsaver.predict.rules import DEFAULT_TAU, RULES
 
     if rule not in RULES:
@@ -88,6 +104,15 @@ def dataset(
                         balance=balance, min_count=min_count, test=test, val_fraction=val_fraction, seed=seed)
     label_rows = read_label_rows(labels)
     ds = prepare_dataset(label_rows, cfg)
+    if several_seeds(label_rows) >= 2:
+        pred = predictability(label_rows, rule=rule, tau=cfg.tau)
+        pred_note = predictability_summary(pred) + "; training uses each prompt's first seed"
+    else:
+        pred = None
+        pred_note = ("one seed per prompt: predictability (how much of the label the prompt decides, the best a "
+                     "text-only recommender can do) cannot be measured; relabel with `stepsaver label --seeds 3`")
+    if pred is not None:
+        ds["predictability"] = pred  # dataset.json keeps it beside the class counts
     write_dataset(ds, out)
     if report:
         label_report(label_rows, report)
@@ -96,8 +121,9 @@ def dataset(
             for stage, c in ds["counts"].items()]
     emit_rows(rows, [Col("stage", "stage"), *[Col(str(k), str(k)) for k in classes], Col("total", "total")],
               as_json, f"class counts ({rule})",
-              payload={"out": str(out), "counts": ds["counts"], "dropped": ds["dropped"], "classes": ds["classes"]},
-              notes=[f"dropped: {ds['dropped'] or 'nothing'}; written to {out}"])
+              payload={"out": str(out), "counts": ds["counts"], "dropped": ds["dropped"], "classes": ds["classes"],
+                       "predictability": pred, "predictability_note": pred_note},
+              notes=[f"dropped: {ds['dropped'] or 'nothing'}; written to {out}", pred_note])
 
 
 @app.command("train")

@@ -6,14 +6,21 @@ rows (so the test set reflects the prompts users send; a balanced copy is derive
 then, on the rest, optionally drop classes under a minimum count (the paper dropped its rare
 20 class) and undersample the majority class down to the next largest (the paper did this for
 its 30 class); finally a 9:1 train/val split, stratified, with a fixed seed.
+
+Labels made with several seeds per prompt (``stepsaver label --seeds N``) train on each prompt's
+first row (its first seed), and :func:`predictability` measures what any recommender that reads
+only the text can reach: how much of the label's variance the prompt explains, and the accuracy
+and error bounds of the best function of the prompt alone.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
+import numbers
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +52,21 @@ class DatasetConfig:
             raise StepsaverError(f"test must be >= 0 and val fraction in [0, 1), got {self.test}, {self.val_fraction}")
 
 
+def _folder_seed(labels_file: Path) -> Any:
+    """The seed recorded in the ``meta.json`` beside a labels file (None when there is none)."""
+    try:
+        meta = json.loads((labels_file.parent / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return meta.get("seed") if isinstance(meta, dict) else None
+
+
 def read_label_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Rows of ``labels.jsonl`` / ``labels.parquet`` files or of folders that hold one."""
+    """Rows of ``labels.jsonl`` / ``labels.parquet`` files or of folders that hold one.
+
+    A row without a ``seed`` (files written before rows recorded it) gets the seed of the
+    ``meta.json`` beside it, the one its run used, so seeds of several files can be told apart.
+    """
     rows: list[dict[str, Any]] = []
     for p in paths:
         p = Path(p)
@@ -54,22 +74,30 @@ def read_label_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             p = p / "labels.jsonl"
         if not p.exists():
             raise StepsaverError(f"labels file {p} does not exist; make it with `stepsaver label`")
+        start = len(rows)
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             rows.extend(pq.read_table(p).to_pylist())
-            continue
-        lines = p.read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if lineno == len(lines):
-                    continue  # a torn last line of an interrupted `stepsaver label` run
-                raise StepsaverError(f"{p}, line {lineno}: not valid JSON") from None
+        else:
+            lines = p.read_text(encoding="utf-8").splitlines()
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if lineno == len(lines):
+                        continue  # a torn last line of an interrupted `stepsaver label` run
+                    raise StepsaverError(f"{p}, line {lineno}: not valid JSON") from None
+        unseeded = [r for r in rows[start:] if isinstance(r, dict) and r.get("seed") is None]
+        seed = _folder_seed(p) if unseeded else None
+        if seed is not None:
+            for r in unseeded:
+                r["seed"] = seed
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise StepsaverError(f"label row {i} is not a JSON object; is this a `stepsaver label` output?")
         missing = {"prompt", "steps", "ssim_next", "ssim_ref"} - set(r)
         if missing:
             raise StepsaverError(f"label row {i} lacks {sorted(missing)}; is this a `stepsaver label` output?")
@@ -102,14 +130,18 @@ def prepare_dataset(rows: Sequence[dict[str, Any]], config: DatasetConfig = Data
     seen: set[str] = set()
     clean: list[tuple[str, int]] = []
     dropped = collections.Counter()
+    first_seed: dict[str, Any] = {}
     for r in rows:
         prompt = str(r["prompt"]).strip()
         if not prompt:
             dropped["empty"] += 1
             continue
-        if prompt in seen:
-            dropped["duplicate"] += 1
+        if prompt in seen or prompt in first_seed:
+            seed = r.get("seed")
+            other = seed is not None and first_seed.get(prompt) is not None and seed != first_seed[prompt]
+            dropped["other_seed" if other else "duplicate"] += 1  # more seeds are for predictability()
             continue
+        first_seed[prompt] = r.get("seed")
         if config.english_only and not is_english(prompt):
             dropped["non_english"] += 1
             continue
@@ -153,6 +185,140 @@ def prepare_dataset(rows: Sequence[dict[str, Any]], config: DatasetConfig = Data
     return {"splits": {k: [{"prompt": p, "label": lab} for p, lab in v] for k, v in splits.items()},
             "counts": stages, "dropped": dict(dropped), "config": asdict(config),
             "classes": sorted(stages["pool"])}
+
+
+def _row_seed(i: int, row: Mapping[str, Any]) -> int | None:
+    seed = row.get("seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Real) or not math.isfinite(seed) or seed != int(seed):
+        raise StepsaverError(f"label row {i} has seed {seed!r}; a seed is an integer")
+    return int(seed)
+
+
+def _row_label(i: int, row: Mapping[str, Any], rule: str, tau: float) -> float:
+    """A row's label: its ``label`` (a dataset split's row) or ``rule`` applied to its similarities."""
+    if "label" in row:
+        value = row["label"]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise StepsaverError(f"label row {i} has label {value!r}; a label is a finite number of steps")
+        return float(value)
+    missing = {"steps", "ssim_next", "ssim_ref"} - set(row)
+    if missing:
+        raise StepsaverError(f"label row {i} has neither a label nor {sorted(missing)}; "
+                             "is this a `stepsaver label` output?")
+    for key in ("ssim_next", "ssim_ref"):
+        values = row[key]
+        if not isinstance(values, Sequence) or isinstance(values, str) or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise StepsaverError(f"label row {i} ({str(row['prompt'])[:40]!r}): {key} holds a non-finite or "
+                                 "non-numeric similarity; relabel that prompt")
+    return float(apply_rule(rule, row["steps"], row["ssim_next"], row["ssim_ref"], tau))
+
+
+def _seed_groups(rows: Sequence[Mapping[str, Any]], rule: str, tau: float) -> dict[str, list[float]]:
+    """``{prompt: [label of each seed]}``; the first row of a (prompt, seed) wins, as in prepare_dataset."""
+    seen: set[tuple[str, int | None]] = set()
+    groups: dict[str, list[float]] = collections.defaultdict(list)
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping) or "prompt" not in r:
+            raise StepsaverError(f"label row {i} has no prompt; is this a `stepsaver label` output?")
+        prompt = str(r["prompt"]).strip()
+        if not prompt:
+            continue  # dropped, as prepare_dataset drops it
+        key = (prompt, _row_seed(i, r))
+        label = _row_label(i, r, rule, tau)
+        if key in seen:
+            continue
+        seen.add(key)
+        groups[prompt].append(label)
+    return groups
+
+
+def several_seeds(rows: Sequence[Mapping[str, Any]]) -> int:
+    """How many prompts have rows of two or more seeds (what :func:`predictability` can use)."""
+    seeds: dict[str, set] = collections.defaultdict(set)
+    for i, r in enumerate(rows):
+        if isinstance(r, Mapping) and "prompt" in r and str(r["prompt"]).strip():
+            seeds[str(r["prompt"]).strip()].add(_row_seed(i, r))
+    return sum(len(s) >= 2 for s in seeds.values())
+
+
+def predictability(rows: Sequence[Mapping[str, Any]], rule: str = "converged",
+                   tau: float = DEFAULT_TAU) -> dict[str, Any]:
+    """How far the prompt alone determines the step label, from rows of several seeds per prompt.
+
+    Why: a recommender reads only the text, but the label depends on the initial noise too; if
+    the same prompt gets 20 steps from one seed and 70 from another, no text model can be right
+    on both. Rows are label rows (``prompt``, ``seed`` and the sweep's similarities, labelled by
+    ``rule``/``tau``) or rows that carry a ``label``; a row without ``seed`` counts as one seed.
+    Only prompts with two or more seeds are used (one seed says nothing about the spread), each
+    with the seeds it has. Keys:
+
+    * ``n_prompts``: prompts used; ``n_seeds``: the most seeds a prompt has; ``n_labels``: rows
+      used; ``n0``: the ANOVA's effective seeds per prompt (= ``n_seeds`` when balanced);
+      ``single_seed_prompts``: prompts left out for having one seed.
+    * ``icc``: the one-way random-effects intra-class correlation ICC(1) =
+      ``between_var / (between_var + within_var)``, the share of label variance the prompt
+      explains (1: the prompt decides the label; 0: the seed does). ``within_var`` is the
+      within-prompt mean square, ``between_var`` the variance of the prompts' true means,
+      ``(MSB - MSW) / n0`` with the standard ``n0`` for unequal group sizes; a negative estimate
+      (chance, when the prompt explains nothing) is reported as 0. ``icc`` is None when every
+      label is equal (nothing to explain).
+    * ``accuracy_ceiling``: the accuracy of the best function of the prompt alone, which predicts
+      each prompt's modal label: the mean over prompts of (count of the modal label / seeds).
+      With few seeds it is optimistic (with two, at least 0.5); compare ``majority_accuracy``,
+      one label for every prompt (the most common one overall).
+    * ``mae_floor``: the lowest mean absolute error in steps of such a function (each prompt's
+      median); ``mae_constant``: predicting the median of all labels for every prompt.
+    * ``seed_agreement``: the chance that two seeds of a prompt give the same label, averaged
+      over prompts (with two seeds: the share of prompts whose seeds agree).
+    """
+    groups = _seed_groups(rows, rule, tau)
+    multi = {p: np.asarray(v, dtype=np.float64) for p, v in groups.items() if len(v) >= 2}
+    if len(multi) < 2:
+        raise StepsaverError(f"predictability needs >= 2 prompts labelled with >= 2 seeds each, got {len(multi)} "
+                             f"(of {len(groups)} prompts); relabel with `stepsaver label --seeds 3`")
+    sizes = np.array([len(v) for v in multi.values()], dtype=np.float64)
+    k, total = len(multi), float(sizes.sum())
+    every = np.concatenate(list(multi.values()))
+    grand = every.mean()
+    means = np.array([v.mean() for v in multi.values()])
+    msb = float((sizes * (means - grand) ** 2).sum() / (k - 1))
+    msw = float(sum(((v - v.mean()) ** 2).sum() for v in multi.values()) / (total - k))
+    n0 = (total - float((sizes ** 2).sum()) / total) / (k - 1)
+    between = max(0.0, (msb - msw) / n0)
+    icc = between / (between + msw) if between + msw > 0 else None
+    values, pooled = np.unique(every, return_counts=True)
+    mode = values[pooled.argmax()]  # ties: the fewest steps
+    median = float(np.median(every))
+
+    def agreement(v: np.ndarray) -> float:
+        c = np.unique(v, return_counts=True)[1]
+        return float((c * (c - 1)).sum() / (len(v) * (len(v) - 1)))
+
+    return {
+        "n_prompts": k, "n_seeds": int(sizes.max()), "n_labels": int(total), "n0": n0,
+        "single_seed_prompts": len(groups) - k, "rule": rule, "tau": tau if rule == "converged" else None,
+        "icc": icc, "between_var": between, "within_var": msw,
+        "accuracy_ceiling": float(np.mean([np.unique(v, return_counts=True)[1].max() / len(v)
+                                           for v in multi.values()])),
+        "majority_accuracy": float(np.mean([(v == mode).mean() for v in multi.values()])),
+        "mae_floor": float(np.mean([np.abs(v - np.median(v)).mean() for v in multi.values()])),
+        "mae_constant": float(np.mean([np.abs(v - median).mean() for v in multi.values()])),
+        "seed_agreement": float(np.mean([agreement(v) for v in multi.values()])),
+    }
+
+
+def predictability_summary(p: dict[str, Any]) -> str:
+    """One line for people: what :func:`predictability` found and what it means for a recommender."""
+    share = ("every label is equal: nothing to explain" if p["icc"] is None
+             else f"the prompt explains {p['icc']:.0%} of the label's variance (ICC(1) {p['icc']:.2f})")
+    return (f"predictability ({p['n_prompts']} prompts, up to {p['n_seeds']} seeds each): {share}, variance "
+            f"{p['between_var']:.1f} between prompts vs {p['within_var']:.1f} within one; any text-only recommender: "
+            f"accuracy <= {p['accuracy_ceiling']:.3f} (one label for all: {p['majority_accuracy']:.3f}), mean abs. "
+            f"error >= {p['mae_floor']:.1f} steps (one label for all: {p['mae_constant']:.1f}); two seeds of a prompt "
+            f"agree {p['seed_agreement']:.0%} of the time")
 
 
 def write_dataset(dataset: dict[str, Any], out: str | Path) -> Path:
