@@ -36,15 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from stepsaver.caches import CACHE_KINDS, CacheSpec
 from stepsaver.errors import StepsaverError
 from stepsaver.jsonsafe import finite
 
 __all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcache", "cache_verdicts"]
 
 SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
-DIFFUSERS_CACHES = ("fbc", "magcache", "taylorseer", "pab", "fastercache")
-NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "fbc": "FirstBlockCache",
-         "magcache": "MagCache", "taylorseer": "TaylorSeer", "pab": "PAB", "fastercache": "FasterCache"}
+DIFFUSERS_CACHES = tuple(CACHE_KINDS)
+NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", **CACHE_KINDS}
 COLUMNS = ["steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms", "speedup",
            "psnr_db", "lpips", "fid", "adherence"]
 
@@ -68,30 +68,9 @@ class CacheMethod:
 
     def diffusers_config(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Any:
         """The diffusers cache config of this method (``None`` for plain steps and ours)."""
-        import diffusers
-
-        k = dict(self.knobs)
-        now = lambda: pipe.current_timestep  # noqa: E731 - the step as the pipeline sees it
-        if self.kind == "fbc":
-            return diffusers.FirstBlockCacheConfig(threshold=k["threshold"])
-        if self.kind == "magcache":
-            if mag_ratios is None:
-                raise StepsaverError("MagCache needs ratios from its calibration run (calibrate_magcache)")
-            return diffusers.MagCacheConfig(threshold=k["threshold"], num_inference_steps=self.steps,
-                                            mag_ratios=list(mag_ratios))
-        if self.kind == "taylorseer":
-            return diffusers.TaylorSeerCacheConfig(cache_interval=k["interval"], max_order=k["order"],
-                                                   disable_cache_before_step=3)
-        if self.kind == "pab":
-            return diffusers.PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(100, 800),
-                current_timestep_callback=now)
-        if self.kind == "fastercache":
-            return diffusers.FasterCacheConfig(
-                spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(-1, 681),
-                current_timestep_callback=now, attention_weight_callback=lambda _: 0.3,
-                is_guidance_distilled=True)  # Flux's true CFG runs cond and uncond as separate calls
-        return None
+        if self.kind not in DIFFUSERS_CACHES:
+            return None
+        return CacheSpec(self.kind, self.knobs).diffusers_config(pipe, self.steps, mag_ratios)
 
     @contextlib.contextmanager
     def applied(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
@@ -104,16 +83,11 @@ class CacheMethod:
                 yield
             finally:
                 disable_adaptive_skip(pipe)
-            return
-        config = self.diffusers_config(pipe, mag_ratios)
-        if config is None:
+        elif self.kind in DIFFUSERS_CACHES:
+            with CacheSpec(self.kind, self.knobs).applied(pipe, self.steps, mag_ratios):
+                yield
+        else:
             yield
-            return
-        pipe.transformer.enable_cache(config)
-        try:
-            yield
-        finally:
-            pipe.transformer.disable_cache()
 
 
 @dataclass

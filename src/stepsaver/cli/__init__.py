@@ -1,6 +1,7 @@
 """The ``stepsaver`` command line: one sub-app per verb, each command parse -> one library call -> rows.
 
-``stepsaver generate | schedulers | scenes | samples`` work on the core; ``predict``, ``shrink``,
+``stepsaver generate | schedulers | scenes | samples`` work on the core, ``calibrate`` searches a
+config for them; ``predict``, ``shrink``,
 ``measure``, ``bench`` and ``study`` are sub-apps (:mod:`stepsaver.cli.predict`, ...); ``serve``
 runs the service. The flat names of earlier releases (``stepsaver label``, ``train-model``, ...)
 stay as hidden aliases so existing scripts keep working. Every command prints through
@@ -18,12 +19,12 @@ from types import ModuleType
 
 import typer
 
-from stepsaver.cli import bench, core, measure, predict, serve, shrink
+from stepsaver.cli import bench, calibrate, core, measure, predict, serve, shrink
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="stepsaver: spend only the denoising steps each prompt needs.")
 
-for info in core.app.registered_commands + serve.app.registered_commands:
+for info in core.app.registered_commands + calibrate.app.registered_commands + serve.app.registered_commands:
     app.registered_commands.append(info)
 app.add_typer(predict.app, name="predict")
 app.add_typer(shrink.app, name="shrink")

@@ -18,9 +18,12 @@ app = typer.Typer(no_args_is_help=True)
 @command
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
-    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' (embedded), a hub id or a pipeline folder."),
-    steps: str = typer.Option("30", "--steps", "-n", help="Denoising steps (1..1000), or 'auto' (the recommender)."),
-    scheduler: str = typer.Option("ddim", "--scheduler", "-s", help="Sampler name; see `stepsaver schedulers`."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="'tiny' (embedded, the default), a hub id or a pipeline folder."),
+    steps: str | None = typer.Option(None, "--steps", "-n",
+                                     help="Denoising steps (1..1000, default 30), or 'auto' (the recommender)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", "-s",
+                                         help="Sampler name (default ddim); see `stepsaver schedulers`."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     recommender: str = typer.Option("tiny", "--recommender", help="Recommender for --steps auto: 'tiny' or a folder."),
     confidence: float | None = typer.Option(None, "--confidence",
@@ -30,14 +33,21 @@ def generate(
                                            help="CFG rescale phi in [0, 1] (for zero-terminal-SNR models)."),
     out: Path = typer.Option(Path("stepsaver.png"), "--out", "-o", help="Where to write the PNG."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    skip: bool = typer.Option(False, "--skip/--no-skip", help="AdaptiveDiffusion step skipping inside the loop."),
+    skip: bool | None = typer.Option(None, "--skip/--no-skip", help="AdaptiveDiffusion step skipping inside the loop."),
     threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold",
                                     help="Skip threshold delta (with --skip)."),
     max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips",
                                   help="Most consecutive skips C_max (with --skip)."),
+    config: Path | None = typer.Option(None, "--config",
+                                       help="A calibrated config from `stepsaver calibrate`: its model, scheduler, "
+                                            "steps, Skip and guidance."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Generate one image and report steps, denoiser calls (made and saved) and seconds."""
+    if config is not None:
+        _generate_calibrated(prompt, config, model, steps, scheduler, skip, seed, guidance, out, device, as_json)
+        return
+    model, steps, scheduler, skip = model or "tiny", steps or "30", scheduler or "ddim", bool(skip)
     from stepsaver.generation import generate as run_generate
     from stepsaver.generation import validate_request, validate_seed
     from stepsaver.pipelines import load_pipeline, scheduler_spec
@@ -60,6 +70,30 @@ def generate(
     result.extra.update(auto)
     write_atomically(out, lambda tmp: result.image.save(tmp, format="PNG"))
     emit({**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}, as_json, "generated")
+
+
+def _generate_calibrated(prompt: str, config: Path, model: str | None, steps: str | None, scheduler: str | None,
+                         skip: bool | None, seed: int, guidance: float, out: Path, device: str, as_json: bool) -> None:
+    """``generate --config``: the calibrated setting runs as saved; flags it already sets are refused."""
+    from stepsaver.calibrate import load_calibrated
+    from stepsaver.generation import generate as run_generate
+    from stepsaver.generation import validate_request, validate_seed
+    from stepsaver.pipelines import load_pipeline
+
+    clash = [flag for flag, value in (("--steps", steps), ("--scheduler", scheduler), ("--skip", skip))
+             if value is not None]
+    if clash:
+        raise StepsaverError(f"--config sets the scheduler, steps and Skip; drop {', '.join(clash)} "
+                             "(or generate without --config)")
+    calibrated = load_calibrated(config)
+    validate_request(prompt, 1, calibrated.guidance)
+    validate_seed(seed)
+    check_output_file(out, ".png")
+    pipe = calibrated.apply(load_pipeline(model or calibrated.model, scheduler=None, device=device))
+    result = run_generate(pipe, prompt, steps=calibrated.steps(), seed=seed, guidance=calibrated.guidance)
+    write_atomically(out, lambda tmp: result.image.save(tmp, format="PNG"))
+    emit({**result.summary(), "setting": calibrated.candidate.label, "model": model or calibrated.model,
+          "config": str(config), "path": str(out)}, as_json, "generated")
 
 
 @app.command()

@@ -164,11 +164,24 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             metrics.denoiser_calls.labels("made").inc(r.denoiser_calls)
             metrics.denoiser_calls.labels("saved").inc(r.calls_saved)
 
+    calibrated = None
+    if settings.calibration:
+        from stepsaver.calibrate import load_calibrated
+
+        calibrated = load_calibrated(settings.calibration)  # a missing or foreign file fails at start-up
+
     if engine is None:
         def default_factory():
             from stepsaver.pipelines import load_pipeline
 
-            return load_pipeline(settings.model)
+            if calibrated is None:
+                return load_pipeline(settings.model)
+            pipe = load_pipeline(settings.model, scheduler=None)
+            calibrated.check(pipe)  # refuses another model's calibration before serving anything
+            if calibrated.candidate.cache is not None:  # diffusers' caches stay on; Skip is set per batch
+                pipe.transformer.enable_cache(calibrated.candidate.cache.diffusers_config(
+                    pipe, calibrated.candidate.steps or 0))
+            return pipe
 
         engine = GenerationEngine(pipe_factory or default_factory, workers=settings.workers,
                                   queue_size=settings.queue_size, batch_size=settings.batch_size,
@@ -278,19 +291,29 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
         if len(body.prompt) > settings.max_prompt_chars or not body.prompt.strip():
             raise _field_error("prompt", f"prompt must have 1..{settings.max_prompt_chars} non-blank characters")
         source = "given"
-        steps = body.steps
+        steps, confidence, scheduler, guidance = body.steps, body.confidence, body.scheduler, body.guidance
+        given = body.model_fields_set
+        if calibrated is not None:  # what the request leaves out, the calibration decides
+            c = calibrated.candidate
+            if "steps" not in given:
+                steps, confidence = ("auto", c.confidence) if c.confidence is not None else (c.steps, confidence)
+            scheduler = scheduler if "scheduler" in given else c.scheduler
+            guidance = guidance if "guidance" in given else calibrated.guidance
         if steps == "auto":
-            rec = await asyncio.to_thread(run_recommender, body.prompt, body.confidence)
+            rec = await asyncio.to_thread(run_recommender, body.prompt, confidence)
             steps, source = rec.steps, "recommended"
             metrics.steps_saved.inc(max(0, 50 - steps))
         if steps > settings.max_steps:
             raise _field_error("steps", f"steps must be in 1..{settings.max_steps} or 'auto', got {steps}")
         skip = None
-        if body.skip is not False:
+        if calibrated is not None and "skip" not in given:
+            cs = calibrated.candidate.skip
+            skip = None if cs is None else AdaptiveSkipConfig(threshold=cs[0], max_skips=cs[1])
+        elif body.skip is not False:
             opts = body.skip if not isinstance(body.skip, bool) else None
             skip = AdaptiveSkipConfig(threshold=opts.threshold, max_skips=opts.max_skips) if opts \
                 else AdaptiveSkipConfig()
-        key = BatchKey(steps=steps, scheduler=body.scheduler, guidance=body.guidance, skip=skip)
+        key = BatchKey(steps=steps, scheduler=scheduler, guidance=guidance, skip=skip)
         try:
             future = engine.submit(body.prompt, body.seed, key)
         except QueueFull:
@@ -322,7 +345,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
         info = {"steps": result.steps, "steps_source": source, "denoiser_calls": result.denoiser_calls,
                 "denoiser_calls_saved": result.calls_saved, "seconds": round(result.seconds, 4),
                 "queue_seconds": round(result.queue_seconds, 4), "batch_size": result.batch_size,
-                "seed": body.seed, "scheduler": body.scheduler}
+                "seed": body.seed, "scheduler": scheduler}
         if body.format == "json":
             return JSONResponse(GenerateResponse(image_base64=base64.b64encode(buf.getvalue()).decode(),
                                                  **info).model_dump())

@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepsaver.calibrate.space import OWN as OWN_SCHEDULER
 from stepsaver.skip.config import AdaptiveSkipConfig
 
 
@@ -219,8 +220,10 @@ class GenerationEngine:
                 raise JobAbandoned(f"all {len(batch)} clients of this batch gave up; stopped")
 
         key = batch[0].key
-        base = self._base_schedulers.setdefault(id(pipe), pipe.scheduler.config)
-        pipe.scheduler = make_scheduler(key.scheduler, base)
+        base = self._base_schedulers.setdefault(id(pipe), pipe.scheduler)
+        # "own": the scheduler the model was loaded with (a calibration may choose it, e.g. flow matching)
+        pipe.scheduler = (type(base).from_config(base.config) if key.scheduler == OWN_SCHEDULER
+                          else make_scheduler(key.scheduler, base.config))
         if key.skip is not None:
             enable_adaptive_skip(pipe, key.skip)
         started = time.perf_counter()

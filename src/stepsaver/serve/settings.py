@@ -37,6 +37,7 @@ class ServeSettings(BaseModel):
     batch_wait_ms: float = Field(20.0, ge=0)
     request_timeout_s: float = Field(120.0, gt=0)
     max_steps: int = Field(200, ge=1)
+    calibration: str | None = None  # a config file from `stepsaver calibrate`: the default of every request
     study_db: str = "runs/study.sqlite"
     study_dir: str = "runs/studies"
 
@@ -55,7 +56,12 @@ class ServeSettings(BaseModel):
 
     @classmethod
     def load(cls, config: str | Path | None = None, **overrides: object) -> ServeSettings:
-        """Config file (JSON) < environment (``STEPSAVER_*``) < explicit overrides (not None)."""
+        """Config file (JSON) < environment (``STEPSAVER_*``) < explicit overrides (not None).
+
+        The file may also be a calibrated config written by ``stepsaver calibrate``: the service
+        then serves its model, and a request that leaves out steps, scheduler, Skip or guidance
+        gets the calibrated value.
+        """
         data: dict[str, object] = {}
         if config is not None:
             path = Path(config)
@@ -69,6 +75,11 @@ class ServeSettings(BaseModel):
                 raise StepsaverError(f"config file {path} cannot be read: {exc}") from None
             if not isinstance(loaded, dict):
                 raise StepsaverError(f"config file {path} must hold a JSON object of settings")
+            from stepsaver.calibrate.config import is_calibrated_config
+
+            if is_calibrated_config(loaded):  # `serve --config CALIBRATED.json`: its model, calibrated defaults
+                loaded = {"model": loaded.get("model", "tiny"), "calibration": str(path),
+                          **({"recommender": loaded["recommender"]} if loaded.get("recommender") else {})}
             data.update(loaded)
         for name in cls.model_fields:
             value = os.environ.get(f"STEPSAVER_{name.upper()}")

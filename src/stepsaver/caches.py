@@ -1,0 +1,99 @@
+"""diffusers' own caches by a short name and its knobs: what ``bench caches`` sweeps and ``calibrate`` may pick.
+
+diffusers 0.42.1 attaches FirstBlockCache, MagCache, TaylorSeer, PyramidAttentionBroadcast and
+FasterCache through ``pipe.transformer.enable_cache(config)``, on ``CacheMixin`` denoisers only
+(Flux and newer transformers; not ``UNet2DConditionModel``, SD3, PixArt or DiT). A
+:class:`CacheSpec` is a frozen, hashable, JSON-able description (``"fbc"``, ``(("threshold",
+0.05),)``) so that a benchmark row, a render cache key and a calibrated config file name the same
+setting; :meth:`CacheSpec.diffusers_config` builds the diffusers config object from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stepsaver.errors import StepsaverError
+
+__all__ = ["CACHE_KINDS", "CacheSpec", "supports_caches"]
+
+CACHE_KINDS = {"fbc": "FirstBlockCache", "magcache": "MagCache", "taylorseer": "TaylorSeer",
+               "pab": "PAB", "fastercache": "FasterCache"}
+_KNOBS = {"fbc": ("threshold",), "magcache": ("threshold",), "taylorseer": ("interval", "order"),
+          "pab": ("skip",), "fastercache": ("skip",)}
+
+
+def supports_caches(pipe: Any) -> bool:
+    """Whether the pipeline's denoiser takes diffusers' caches (a ``CacheMixin`` transformer)."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    return isinstance(getattr(pipe, "transformer", None), CacheMixin)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One diffusers cache with its knobs, e.g. ``CacheSpec("fbc", (("threshold", 0.05),))``."""
+
+    kind: str
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in CACHE_KINDS:
+            raise StepsaverError(f"unknown cache {self.kind!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        missing = set(_KNOBS[self.kind]) - {k for k, _ in self.knobs}
+        if missing:
+            raise StepsaverError(f"cache {self.kind} needs {', '.join(sorted(missing))}")
+
+    @property
+    def label(self) -> str:
+        knobs = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.knobs)
+        return CACHE_KINDS[self.kind] + (f" ({knobs})" if knobs else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dict(self.knobs)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
+        if not isinstance(data, dict) or "kind" not in data:
+            raise StepsaverError(f"a cache setting is an object with a 'kind' ({', '.join(CACHE_KINDS)}), got {data!r}")
+        return cls(data["kind"], tuple(sorted((k, v) for k, v in data.items() if k != "kind")))
+
+    def diffusers_config(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Any:
+        """The diffusers config object (knobs as diffusers documents them for Flux)."""
+        import diffusers
+
+        k = dict(self.knobs)
+        now = lambda: pipe.current_timestep  # noqa: E731 - the step as the pipeline sees it
+        if self.kind == "fbc":
+            return diffusers.FirstBlockCacheConfig(threshold=k["threshold"])
+        if self.kind == "magcache":
+            if mag_ratios is None:
+                raise StepsaverError("MagCache needs ratios from its calibration run (calibrate_magcache)")
+            return diffusers.MagCacheConfig(threshold=k["threshold"], num_inference_steps=steps,
+                                            mag_ratios=list(mag_ratios))
+        if self.kind == "taylorseer":
+            return diffusers.TaylorSeerCacheConfig(cache_interval=k["interval"], max_order=k["order"],
+                                                   disable_cache_before_step=3)
+        if self.kind == "pab":
+            return diffusers.PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(100, 800),
+                current_timestep_callback=now)
+        return diffusers.FasterCacheConfig(
+            spatial_attention_block_skip_range=k["skip"], spatial_attention_timestep_skip_range=(-1, 681),
+            current_timestep_callback=now, attention_weight_callback=lambda _: 0.3,
+            is_guidance_distilled=True)  # Flux's true CFG runs cond and uncond as separate calls
+
+    @contextlib.contextmanager
+    def applied(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
+        """Attach the cache for the block and take it off again, whatever happens inside."""
+        if not supports_caches(pipe):
+            denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+            raise StepsaverError(f"{CACHE_KINDS[self.kind]} needs a CacheMixin denoiser (Flux-layout transformers); "
+                                 f"this pipeline's is {type(denoiser).__name__}")
+        pipe.transformer.enable_cache(self.diffusers_config(pipe, steps, mag_ratios))
+        try:
+            yield
+        finally:
+            pipe.transformer.disable_cache()
