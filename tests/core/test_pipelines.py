@@ -7,11 +7,14 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from stepsaver import SCHEDULERS, StepsaverError, generate, load_pipeline, make_scheduler
+from stepsaver.pipelines import schedulers_for
 from stepsaver.text import encode_captions
 
 
 def test_registry_maps_names_to_diffusers_classes(embedded_pipe):
     for name, spec in SCHEDULERS.items():
+        if spec.flow:
+            continue
         sched = make_scheduler(name, embedded_pipe.scheduler.config)
         assert type(sched).__name__ == spec.cls_name
         # the model's own training choices survive the swap
@@ -20,6 +23,18 @@ def test_registry_maps_names_to_diffusers_classes(embedded_pipe):
     assert make_scheduler("dpm2_karras", embedded_pipe.scheduler.config).config.use_karras_sigmas
     with pytest.raises(StepsaverError, match="ddim, euler"):
         make_scheduler("nonsense", embedded_pipe.scheduler.config)
+
+
+def test_flow_matching_and_noise_schedule_samplers_do_not_mix(embedded_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert schedulers_for(flow) == ["flow_euler"] and "flow_euler" not in schedulers_for(embedded_pipe.scheduler.config)
+    assert make_scheduler("flow_euler", flow).config.shift == 3.0  # the model's shift carries over
+    with pytest.raises(StepsaverError, match="does not fit a flow-matching model.*flow_euler"):
+        make_scheduler("ddim", flow)
+    with pytest.raises(StepsaverError, match="does not fit a noise-schedule.*ddim, euler"):
+        make_scheduler("flow_euler", embedded_pipe.scheduler.config)
 
 
 def test_embedded_model_is_a_standard_sd_pipeline(embedded_pipe):
@@ -106,7 +121,7 @@ def test_every_sampler_agrees_with_ddim_on_the_zero_snr_embedded_model(embedded_
     prompt = "a big apple in the center on a blue background"
     try:
         images = {}
-        for name in SCHEDULERS:
+        for name in schedulers_for(original.config):
             embedded_pipe.scheduler = make_scheduler(name, original.config)
             images[name] = embedded_pipe(prompt, num_inference_steps=50, guidance_scale=5.0, output_type="np",
                                          generator=torch.Generator().manual_seed(0)).images[0]

@@ -133,3 +133,41 @@ def test_exported_folder_loads_by_name_and_carries_latent_stats(toy_run, monkeyp
     with pytest.raises(StepsaverError, match="'transformer' part .FluxTransformer2DModel. is missing") as e:
         load_pipeline(broken)
     assert "\n" not in str(e.value)
+
+
+def test_skip_on_tiny_flux_batch_equals_singles_with_true_cfg(pipe):
+    """The Skip hook on the Flux layout: true CFG (two transformer calls a step), per-sample paths."""
+    from stepsaver import generate_images
+    from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+
+    prompts, seeds = ["a red apple on a blue background", "two cats at the top on green"], [1, 2]
+    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.5))
+    try:
+        batch = generate_images(pipe, prompts, steps=12, seeds=seeds, guidance=3.0, output_type="np")
+        singles = [generate_images(pipe, [p], steps=12, seeds=[s], guidance=3.0, output_type="np")[0]
+                   for p, s in zip(prompts, seeds, strict=True)]
+    finally:
+        disable_adaptive_skip(pipe)
+    for b, s in zip(batch, singles, strict=True):
+        assert b.denoiser_calls == s.denoiser_calls < 24  # 2 calls a step (true CFG), some steps skipped
+        assert b.extra["denoiser_calls_saved"] == s.extra["denoiser_calls_saved"] > 0
+        assert np.abs(np.asarray(b.image) - np.asarray(s.image)).max() < 1e-4
+
+
+def test_generate_cli_on_tiny_flux_keeps_its_flow_sampler(toy_run, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from stepsaver import pipelines
+    from stepsaver.cli import app
+
+    root, _, _, _ = toy_run
+    monkeypatch.setitem(pipelines.EMBEDDED_MODELS, "tiny-flux", root / "resumed" / "pipeline")
+    runner = CliRunner()
+    out = runner.invoke(app, ["generate", "a cat on red", "--model", "tiny-flux", "--steps", "3", "--json",
+                              "-o", str(tmp_path / "x.png")])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.stdout)
+    assert payload["scheduler"] == "FlowMatchEulerDiscreteScheduler" and payload["denoiser_calls"] == 6  # true CFG
+    out = runner.invoke(app, ["generate", "a cat", "--model", "tiny-flux", "--scheduler", "ddim",
+                              "-o", str(tmp_path / "y.png")])
+    assert out.exit_code == 2 and "flow_euler" in out.output

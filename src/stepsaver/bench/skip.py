@@ -174,12 +174,13 @@ class SkipBenchConfig:
         return self.schedulers[:1] if self.ablation_schedulers is None else self.ablation_schedulers
 
     def swept(self) -> tuple[str, ...]:
-        """The schedulers of the sweep (every scheduler of the registry by default)."""
+        """The schedulers of the sweep (every noise-schedule scheduler of the registry by default)."""
         from stepsaver.pipelines import SCHEDULERS
 
         if not self.sweep_n:
             return ()
-        return tuple(SCHEDULERS) if self.sweep_schedulers is None else self.sweep_schedulers
+        default = tuple(k for k, v in SCHEDULERS.items() if not v.flow)
+        return default if self.sweep_schedulers is None else self.sweep_schedulers
 
     def validate(self) -> None:
         """One-line :class:`StepsaverError` for settings that cannot produce a report."""

@@ -83,7 +83,7 @@ def bench_flexi_cmd(
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """StepSaver's evaluation: fixed steps vs flexi (labels, recommender) vs iso-cost, one run."""
+    """StepSaver's evaluation: fixed vs flexi steps vs iso-cost (FID, time), and fidelity to the longest render."""
     from stepsaver.bench.flexi import bench_flexi
     from stepsaver.predict.label import LabelConfig, parse_grid
 
@@ -94,6 +94,13 @@ def bench_flexi_cmd(
                                Col("adherence", "adherence", F3), Col("s/image", "mean_s", F3),
                                Col("speedup", "speedup_vs_fixed50", "{:.2f}x")], as_json, "flexi",
               payload=result, notes=[result["summary"]])
+    if not as_json:  # --json prints one document: the payload above already holds result["fidelity"]
+        fid = result["fidelity"]
+        emit_rows(fid["rows"], [Col("method", "method"), Col("role", "role"), Col("steps", "mean_steps", "{:.1f}"),
+                                Col(f"SSIM to {fid['reference_steps']}", "ssim_to_ref", F3),
+                                Col("LPIPS", "lpips_to_ref", F3),
+                                Col("visibly different", "share_visibly_different", "{:.1%}")], False,
+                  "Predict's honest view: fidelity to the longest render", notes=[fid["summary"]])
 
 
 @app.command("recipe")

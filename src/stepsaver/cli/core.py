@@ -23,7 +23,7 @@ def generate(
     steps: str | None = typer.Option(None, "--steps", "-n",
                                      help="Denoising steps (1..1000, default 30), or 'auto' (the recommender)."),
     scheduler: str | None = typer.Option(None, "--scheduler", "-s",
-                                         help="Sampler name (default ddim); see `stepsaver schedulers`."),
+                                         help="Sampler name (default: the model's own); see `stepsaver schedulers`."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     recommender: str = typer.Option("tiny", "--recommender", help="Recommender for --steps auto: 'tiny' or a folder."),
     confidence: float | None = typer.Option(None, "--confidence",
@@ -47,7 +47,7 @@ def generate(
     if config is not None:
         _generate_calibrated(prompt, config, model, steps, scheduler, skip, seed, guidance, out, device, as_json)
         return
-    model, steps, scheduler, skip = model or "tiny", steps or "30", scheduler or "ddim", bool(skip)
+    model, steps, skip = model or "tiny", steps or "30", bool(skip)
     from stepsaver.generation import generate as run_generate
     from stepsaver.generation import validate_request, validate_seed
     from stepsaver.pipelines import load_pipeline, scheduler_spec
@@ -57,7 +57,8 @@ def generate(
     validate_seed(seed)
     n_steps, auto = resolve_steps(prompt, steps, recommender, confidence)
     validate_request(prompt, n_steps, guidance)
-    scheduler_spec(scheduler)
+    if scheduler is not None:
+        scheduler_spec(scheduler)
     check_output_file(out, ".png")  # before generating: an unwritable path must not cost a generation
     skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips) if skip else None  # validates first
     pipe = load_pipeline(model, scheduler=scheduler, device=device)
@@ -69,7 +70,8 @@ def generate(
                           guidance_rescale=guidance_rescale)
     result.extra.update(auto)
     write_atomically(out, lambda tmp: result.image.save(tmp, format="PNG"))
-    emit({**result.summary(), "scheduler": scheduler, "model": model, "path": str(out)}, as_json, "generated")
+    emit({**result.summary(), "scheduler": scheduler or result.scheduler, "model": model, "path": str(out)}, as_json,
+         "generated")
 
 
 def _generate_calibrated(prompt: str, config: Path, model: str | None, steps: str | None, scheduler: str | None,

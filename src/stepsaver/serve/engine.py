@@ -40,7 +40,7 @@ class JobAbandoned(Exception):
 @dataclass(frozen=True)
 class BatchKey:
     steps: int
-    scheduler: str = "ddim"
+    scheduler: str = OWN_SCHEDULER
     guidance: float = 5.0
     skip: AdaptiveSkipConfig | None = None
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from stepsaver.calibrate.space import OWN
 from stepsaver.pipelines import SCHEDULERS
 from stepsaver.skip.config import AdaptiveSkipConfig
 
@@ -73,7 +74,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(..., min_length=1)
     steps: int | Literal["auto"] = Field(30, description="1..max_steps, or 'auto' (the recommender).")
     skip: bool | SkipOptions = Field(False, description="AdaptiveDiffusion skipping: true, false or its settings.")
-    scheduler: str = Field("ddim", description="A name from `stepsaver schedulers`.")
+    scheduler: str = Field(OWN, description="A name from `stepsaver schedulers`, or 'own' (the model's own: "
+                                            "DDIM for tiny, flow-matching Euler for tiny-flux).")
     seed: int = Field(0, ge=0, lt=2**63)
     guidance: float = Field(5.0, ge=0, le=50)
     confidence: float | None = Field(None, gt=0, le=1, description="With steps='auto'.")
@@ -87,8 +89,8 @@ class GenerateRequest(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
-        if v not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {v!r}; allowed: {', '.join(SCHEDULERS)}")
+        if v not in SCHEDULERS and v != OWN:
+            raise ValueError(f"unknown scheduler {v!r}; allowed: {OWN}, {', '.join(SCHEDULERS)}")
         return v
 
     @field_validator("steps")
