@@ -135,7 +135,8 @@ def test_bench_flexi_cli_adds_the_fidelity_table_json_key_and_plot(tmp_path):
                                  "--batch", "8", "--repeats", "1", "--n-boot", "2", "--out-dir", str(res)])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())  # rich wraps titles and cells to the terminal's width
-    assert "Predict's honest view" in text and "% visibly different)" in text and "text-only bound" in text
+    for shown in ("Predict's honest view", "% visibly different)", "than uniform at the same cost"):
+        assert shown in text, r.output
     report = json.loads((res / "flexi.json").read_text())
     fid = report["fidelity"]
     assert fid["reference_steps"] == 50 and (res / "flexi-fidelity.png").exists() and (res / "flexi.png").exists()
@@ -145,9 +146,10 @@ def test_bench_flexi_cli_adds_the_fidelity_table_json_key_and_plot(tmp_path):
         assert f"flexi-recommended @ confidence {c}" in rows
     assert rows["fixed 50"]["ssim_to_ref"] == 1.0 and rows["fixed 50"]["lpips_to_ref"] == 0.0
     assert rows[fid["bound"]]["role"] == "labels = text-only bound"
-    # the same SSIM the labeller stored for each render against the longest one
+    # the SSIM the labeller stored for each render against the longest one, up to 8-bit rounding: the
+    # labeller scores the float renders, the view the uint8 ones kept on disk (about 0.002 lower here)
     labels = [json.loads(line) for line in (tmp_path / "lab" / "labels.jsonl").read_text().splitlines()]
-    assert rows["fixed 10"]["ssim_to_ref"] == pytest.approx(np.mean([row["ssim_ref"][0] for row in labels]), abs=1e-4)
+    assert rows["fixed 10"]["ssim_to_ref"] == pytest.approx(np.mean([row["ssim_ref"][0] for row in labels]), abs=5e-3)
     assert {v["method"] for v in fid["verdicts"]} >= {fid["bound"], "flexi-recommended @ confidence 0.7"}
     assert all(v["verdict"] in ("better", "worse", "no difference") for v in fid["verdicts"])
     md = (res / "flexi.md").read_text()

@@ -135,8 +135,12 @@ class FakeRecommender:
 
 def test_the_recommender_reuses_the_fixed_step_renders(pipe, tmp_path):
     space = SearchSpace(steps=(5, 12), skip_thresholds=(), confidences=(0.5, 0.9), caches=())
+    labels = [{"prompt": p, "seed": s, "label": 10 if "cat" in p else 20 + 10 * s} for p in PROMPTS for s in (0, 1)]
     res = calibrate(pipe, PROMPTS, "lpips<=0.5", space=space, recommender=FakeRecommender(), work=tmp_path / "w",
-                    **KW)
+                    labels=labels, **KW)
+    p = res.summary["predictability"]  # cat prompts: always 10; the others depend on the seed
+    assert p["n_prompts"] == 12 and p["accuracy_ceiling"] == pytest.approx(0.75)
+    assert "text-only recommender" in res.summary["predictability_note"]
     rows = {r["setting"]: r for r in res.screen_rows}
     assert rows["own, recommender@0.5"]["mean_steps"] == pytest.approx(8.5)  # half the prompts have a cat
     assert rows["own, recommender@0.9"]["mean_steps"] == 12

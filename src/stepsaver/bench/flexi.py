@@ -88,7 +88,9 @@ def fidelity_scores(renders_by_steps: Mapping[int, np.ndarray], reference_steps:
     steps from the same noise as every other row ``p``; the reference (default: the largest
     step count) is the best image the grid makes of each prompt. Computed once per render so that
     every method, a choice of one render per prompt, is only an index into these arrays. The
-    reference scores itself exactly SSIM 1 and LPIPS 0 (as the labeller stores it).
+    reference scores itself exactly SSIM 1 and LPIPS 0 (as the labeller stores it). These are the
+    8-bit images a user saves, so SSIM reads slightly below the labeller's, which scores the float
+    renders (about 0.001-0.002 lower for the same pair on the embedded model's 64x64 images).
     ``steps`` limits the work to the step counts some method chose.
     """
     from stepsaver.measure.lpips import lpips_distance
@@ -300,7 +302,8 @@ def _fidelity_view(renders: np.ndarray, grid: Sequence[int], chosen: Mapping[str
 
     summary = (
         f"Each prompt's chosen render against its own {ref}-step render (the longest of the grid, same noise): "
-        f"mean SSIM, mean LPIPS (AlexNet), share of prompts visibly different (SSIM < {VISIBLY_DIFFERENT_SSIM}). "
+        f"mean SSIM, mean LPIPS (AlexNet), share of prompts visibly different (SSIM < {VISIBLY_DIFFERENT_SSIM}), "
+        "all on the 8-bit renders kept by the sweep (the labeller's SSIM, on float renders, reads a little higher). "
         "Iso-cost: the uniform curve interpolated linearly in steps at each method's mean steps, prompt by "
         f"prompt, with a paired bootstrap 95% CI over prompts ({FIDELITY_BOOT} replicates); \"better\" needs "
         f"the whole CI of the SSIM difference above 0. The labels ({bound}) are what a perfect text-only "

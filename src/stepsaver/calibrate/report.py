@@ -68,7 +68,10 @@ def _summary_md(name: str, res: CalibrationResult) -> str:
                 + (" (no better: the combination did not pay)" if s["vs_best_single_knob"] <= 1.0 else "")),
              f"- search: {s['candidates']} candidates, {s['screened']} screened, {s['calibrated']} on all "
              f"calibration prompts, {s['renders_made']} images rendered; {s['wall_minutes']} min wall, "
-             f"{s['cpu_minutes']} CPU min" + (" (time budget ran out)" if s["out_of_time"] else ""), ""]
+             f"{s['cpu_minutes']} CPU min" + (" (time budget ran out)" if s["out_of_time"] else "")]
+    if s.get("predictability_note"):
+        lines.append(f"- Predict on this model: {s['predictability_note']}")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -343,6 +343,12 @@ class _Search:
         self.seeds = [seed + i for i in range(len(prompts))]
         self.scorer = Scorer()
         self.steps_memo: dict[tuple[float, int], int] = {}
+        self.say: Callable[[str], None] = lambda _msg: None
+
+    def note(self, stage: str, e: Evaluation, verdict: str) -> None:
+        lo, hi = e.tolerance.interval(e.values)
+        self.say(f"{stage}: {e.candidate.label}: {e.tolerance.metric} {e.tolerance.statistic(e.values):.4g} "
+                 f"[{lo:.4g}, {hi:.4g}] on {e.n} prompts, {e.cost:.1f} calls/image: {verdict}")
 
     def steps_of(self, candidate: Candidate, i: int) -> int:
         if candidate.steps is not None:
@@ -428,7 +434,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
               reference_steps: int = 50, reference_scheduler: str = OWN, space: SearchSpace | None = None,
               recommender: Any = None, guidance: float = 5.0, heldout: float = 0.25, screen: int = 8,
               seed: int = 0, split_seed: int = 0, batch_size: int = 8, budget_minutes: float | None = None,
-              work: str | Path | None = None, show_progress: bool = False,
+              work: str | Path | None = None, show_progress: bool = False, labels: Sequence[dict] | None = None,
               log: Callable[[str], None] | None = None, **call_kwargs: Any) -> CalibrationResult:
     """Find the cheapest configuration of ``pipe`` whose images stay within ``tolerance`` of the reference.
 
@@ -436,7 +442,11 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
     ``reference_steps`` of ``reference_scheduler`` (``"own"``: the pipeline's scheduler).
     ``recommender`` (a :class:`~stepsaver.predict.StepRecommender` or its name) adds the
     recommender to the search. Prompt ``i`` always starts from seed ``seed + i``. Renders are
-    cached under ``work`` (default: a temporary folder), so a rerun resumes. Returns the result
+    cached under ``work`` (default: a temporary folder), so a rerun resumes. ``labels``: label rows
+    of this model with several seeds per prompt (``stepsaver label --seeds 3``); their
+    predictability (how much of the step label the prompt alone decides, the ceiling of any
+    text-only recommender) goes into the summary, so the user learns whether Predict can pay
+    on this model before training a recommender for it. Returns the result
     with ``config`` = the chosen :class:`CalibratedConfig` (save it with ``.save(path)``), or
     raises :class:`StepsaverError` naming the closest candidate when nothing meets the tolerance.
     """
@@ -480,6 +490,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
             renderer = Renderer(pipe, RenderStore(root / fingerprint, meta), guidance, batch_size, call_kwargs,
                                 deadline, progress)
             search = _Search(pipe, prompts, tol, reference, space, renderer, recommender, seed)
+            search.say = say
             say(f"reference: {reference.label} on {len(prompts)} prompts")
             search.evaluate(reference, list(range(len(prompts))), "reference", timed=False)
             candidates = [c for c in space.candidates(reference, recommender is not None, supports_caches(pipe))
@@ -517,13 +528,14 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
     cal_rows = [e.row(ref_cal) for e in sorted(calibrated, key=lambda e: e.cost)]
     frontier = [e.row(ref_cal) for e in _frontier(calibrated or screened, tol)]
     wall, cpu = time.monotonic() - started, time.process_time() - cpu0
+    predict = _predictability(labels)
     summary = {"tolerance": str(tol), "reference": reference.to_dict(), "prompts": len(prompts),
                "calibration_prompts": len(cal), "heldout_prompts": len(held), "screen_prompts": len(screen_idx),
                "candidates": len(candidates), "screened": len(screened), "calibrated": len(calibrated),
                "renders_made": renderer.rendered, "wall_minutes": round(wall / 60, 2),
                "cpu_minutes": round(cpu / 60, 2), "out_of_time": out_of_time,
                "chosen": chosen.candidate.label, "chosen_confident_on_calibration": chosen.confident,
-               **held_summary}
+               **held_summary, **predict}
     config = CalibratedConfig(
         model=model or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__), fingerprint=fingerprint,
         candidate=chosen.candidate, tolerance=str(tol), reference=reference.to_dict(), guidance=guidance,
@@ -532,6 +544,19 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
         calibration=chosen.row(ref_cal), heldout=held_summary)
     return CalibrationResult(config, cal_rows, [e.row() for e in screened], frontier, {"rows": held_rows,
                                                                                          **held_summary}, summary)
+
+
+def _predictability(labels: Sequence[dict] | None) -> dict[str, Any]:
+    """The predictability keys of the summary (nothing when no labels were given)."""
+    if labels is None:
+        return {}
+    from stepsaver.predict.dataset import predictability, predictability_summary
+
+    try:
+        p = predictability(labels)
+    except StepsaverError as exc:  # e.g. one seed per prompt: say why, do not fail a finished search
+        return {"predictability": None, "predictability_note": str(exc)}
+    return {"predictability": p, "predictability_note": predictability_summary(p)}
 
 
 def _screen(search: _Search, candidates: Sequence[Candidate], idx: Sequence[int]) -> list[Evaluation]:
@@ -545,6 +570,7 @@ def _screen(search: _Search, candidates: Sequence[Candidate], idx: Sequence[int]
         out.append(e)
         if e.hopeless():
             hopeless.append(c)
+        search.note("screen", e, "hopeless: prunes what it is expected to beat" if e.hopeless() else "kept")
     return out
 
 
@@ -558,6 +584,8 @@ def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Seque
             continue  # a cheaper setting of this family already holds with confidence
         full = search.evaluate(e.candidate, cal, f"calibrate: {e.candidate.label}")
         out.append(full)
+        search.note("calibrate", full, "holds with confidence" if full.confident else
+                    "holds (point estimate only)" if full.holds else "misses")
         if full.confident:
             done.add(full.family)
         if done >= {s.family for s in survivors}:

@@ -372,3 +372,33 @@ def bench_reliability_cmd(
               as_json, "reliability", payload={k: result[k] for k in ("rows", "counts", "summary")},
               notes=[result["summary"]])
 
+
+
+@app.command("calibrate")
+@command
+def bench_calibrate_cmd(
+    model: list[str] = typer.Option(["tiny"], "--model", "-m", help="Models to calibrate (repeat)."),
+    tolerance: list[str] = typer.Option(["lpips<=0.02", "lpips<=0.05"], "--tolerance", "-t",
+                                        help="Tolerances (repeat)."),
+    n: int = typer.Option(64, "--n", help="Held-out scene captions per run (75% calibrate, 25% validate)."),
+    prompt_seed: int = typer.Option(11, "--prompt-seed"),
+    work: Path = typer.Option(Path("runs/calibrate-bench"), "--work", help="Render caches (resumable)."),
+    budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
+    out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Issue 20's targets: real calibrate runs per model and tolerance, held-out checks, Pareto plots."""
+    from stepsaver.bench.calibrate import bench_calibrate
+    from stepsaver.cli.render import log_to_stderr
+
+    if n < 8:
+        raise StepsaverError(f"--n must be at least 8 prompts, got {n}")
+    result = bench_calibrate(model, tolerance, n=n, prompt_seed=prompt_seed, work=work, budget_minutes=budget_minutes,
+                             out_dir=out_dir, device=device, show_progress=not as_json, log=log_to_stderr(as_json))
+    rows = [dict(res.summary, run=run) for run, res in result["results"]]
+    emit_rows(rows, [Col("run", "run"), Col("chosen", "chosen"), Col("held-out", "heldout_statistic", F3),
+                     Col("holds", "heldout_holds_with_confidence"), Col("calls x", "speedup_calls", F2),
+                     Col("vs best knob", "vs_best_single_knob", F2), Col("CPU min", "cpu_minutes", F2)],
+              as_json, "calibrate", payload={"verdicts": result["verdicts"], "md": result["md"]},
+              notes=result["verdicts"])

@@ -63,6 +63,9 @@ def calibrate(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per pipeline call."),
     work: Path | None = typer.Option(None, "--work", help="Render cache (resumable); default runs/calibrate."),
     report: Path | None = typer.Option(None, "--report", help="Also write PREFIX.{md,json,png} (frontier, plot)."),
+    labels: list[Path] = typer.Option([], "--labels",
+                                      help="Label files/folders with several seeds per prompt (`label --seeds 3`): "
+                                           "report how far the prompt alone predicts the step count."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -87,6 +90,11 @@ def calibrate(
                         caches=SearchSpace().caches if caches else ())
     space.validate(ref_steps)
     text = prompts_from_file(prompts)
+    label_rows = None
+    if labels:
+        from stepsaver.predict.dataset import read_label_rows
+
+        label_rows = read_label_rows(labels)
     check_output_file(out, ".json")
     rec = None
     if recommender == "auto":
@@ -98,7 +106,7 @@ def calibrate(
     result = run_calibrate(pipe, text, tol, model=model, reference_steps=ref_steps, reference_scheduler=ref_scheduler,
                            space=space, recommender=rec, guidance=guidance, heldout=heldout, seed=seed,
                            batch_size=batch_size, budget_minutes=budget_minutes, work=work,
-                           show_progress=not as_json, log=log_to_stderr(as_json))
+                           show_progress=not as_json, labels=label_rows, log=log_to_stderr(as_json))
     result.config.save(out)
     paths = {}
     if report is not None:
@@ -111,5 +119,6 @@ def calibrate(
           "heldout_interval": s["heldout_interval"], "heldout_holds": s["heldout_holds_with_confidence"],
           "speedup_calls": s["speedup_calls"], "speedup_seconds": s["speedup_seconds"],
           "best_single_knob": s["best_single_knob"], "vs_best_single_knob": s["vs_best_single_knob"],
-          "minutes": s["wall_minutes"], "config": str(out), **{f"report_{k}": str(v) for k, v in paths.items()}},
+          "minutes": s["wall_minutes"], "config": str(out), **{f"report_{k}": str(v) for k, v in paths.items()},
+          **({"predictability": s["predictability_note"]} if "predictability_note" in s else {})},
          as_json, "calibrated")
