@@ -153,5 +153,6 @@ def test_bench_flexi_cli_adds_the_fidelity_table_json_key_and_plot(tmp_path):
     assert {v["method"] for v in fid["verdicts"]} >= {fid["bound"], "flexi-recommended @ confidence 0.7"}
     assert all(v["verdict"] in ("better", "worse", "no difference") for v in fid["verdicts"])
     md = (res / "flexi.md").read_text()
-    assert md.index("| fixed 10 |") < md.index("## Predict's honest view") < md.index("Machine: ")
+    assert md.index("| method | mean_steps | denoiser_calls |") < md.index("## Predict's honest view") \
+        < md.index("| method | role |") < md.index("Machine: ")
     assert "![flexi-fidelity](flexi-fidelity.png)" in md and "Target 1" in md  # the FID report is still there

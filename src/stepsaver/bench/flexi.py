@@ -121,10 +121,10 @@ def fidelity_scores(renders_by_steps: Mapping[int, np.ndarray], reference_steps:
 def _chosen(name: str, steps: Sequence[int], p_count: int, available: Mapping[int, Any]) -> np.ndarray:
     arr = np.asarray(steps).astype(int).reshape(-1)
     if len(arr) != p_count:
-        raise StepsaverError(f"method {name!r} chose steps for {len(arr)} prompts, the renders hold {p_count}")
+        raise StepsaverError(f"{name} chose steps for {len(arr)} prompts, the renders hold {p_count}")
     missing = sorted(set(arr.tolist()) - set(available))
     if missing:
-        raise StepsaverError(f"method {name!r} chose {missing} steps, not rendered; rendered: {sorted(available)}")
+        raise StepsaverError(f"{name} chose {missing} steps, not rendered; rendered: {sorted(available)}")
     return arr
 
 
@@ -149,7 +149,8 @@ def fidelity_rows(renders_by_steps: Mapping[int, np.ndarray], chosen_steps_by_me
         raise StepsaverError("fidelity_rows needs at least one method's chosen steps, got none")
     if not 0.0 < threshold <= 1.0:
         raise StepsaverError(f"the visibly-different SSIM threshold must be in (0, 1], got {threshold}")
-    chosen = {name: _chosen(name, st, p_count, renders_by_steps) for name, st in chosen_steps_by_method.items()}
+    chosen = {name: _chosen(f"method {name!r}", st, p_count, renders_by_steps)
+              for name, st in chosen_steps_by_method.items()}
     needed = sorted({int(s) for arr in chosen.values() for s in arr})
     if scores is None:
         scores = fidelity_scores(renders_by_steps, ref, steps=needed)
@@ -203,7 +204,7 @@ def iso_cost_verdict(scores: Mapping[int, Mapping[str, np.ndarray]], chosen_step
     if missing:
         raise StepsaverError(f"no scores for uniform step counts {missing}; scored: {sorted(scores)}")
     p_count = len(scores[grid[0]]["ssim"])
-    arr = _chosen("the method", chosen_steps, p_count, scores)
+    arr = _chosen("the compared method", chosen_steps, p_count, scores)
     mean = float(arr.mean())
     clamped = mean < grid[0] or mean > grid[-1]
     x = min(max(mean, grid[0]), grid[-1])
