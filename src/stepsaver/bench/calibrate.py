@@ -50,10 +50,11 @@ def _verdicts(name: str, res: Any, first: bool) -> list[str]:
 
 
 def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str] = ("lpips<=0.02", "lpips<=0.05"),
-                    *, n: int = 64, prompt_seed: int = 11, work: str | Path = "runs/calibrate-bench",
+                    *, n: int = 64, prompt_seed: int = 11, reference_steps: int = 50,
+                    work: str | Path = "runs/calibrate-bench",
                     budget_minutes: float | None = None, batch_size: int = 8, out_dir: str | Path = "docs/results",
                     name: str = "calibrate", show_progress: bool = True, device: str = "auto",
-                    log: Any = None) -> dict[str, Any]:
+                    space: Any = None, log: Any = None, **call_kwargs: Any) -> dict[str, Any]:
     """Run ``calibrate`` for each model x tolerance and write ``<name>.{md,json,png}``."""
     from stepsaver.calibrate import calibrate, parse_tolerance
     from stepsaver.calibrate.report import write_calibration_report
@@ -71,9 +72,10 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
         folder = Path(work) / model
         fresh = not folder.exists()
         for k, tol in enumerate(tols):
-            res = calibrate(pipe, prompts, tol, model=model, recommender="tiny" if model == "tiny" else None,
-                            work=folder, batch_size=batch_size, budget_minutes=budget_minutes,
-                            show_progress=show_progress, log=log)
+            res = calibrate(pipe, prompts, tol, model=model, reference_steps=reference_steps,
+                            recommender="tiny" if model == "tiny" else None,
+                            work=folder, batch_size=batch_size, budget_minutes=budget_minutes, space=space,
+                            show_progress=show_progress, log=log, **call_kwargs)
             run = f"{model}: {tol}"
             results.append((run, res))
             res.config.save(Path(out_dir) / f"{name}-{model}-{tol.metric}{tol.bound:g}.config.json")
@@ -84,10 +86,10 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
                             "to time a calibration from scratch)")
     preamble = ("Issue 20's targets, on held-out scene captions (prompt seed "
                 f"{prompt_seed}, {n} prompts: a 75/25 calibration/held-out split), reference = the model's own "
-                "scheduler at 50 steps, quality = LPIPS (AlexNet) to the reference image of the same prompt and "
-                "noise. Cost = denoiser calls per image; a single knob's baseline is its cheapest setting that "
-                "holds with confidence on the held-out prompts themselves (an oracle choice, so the comparison "
-                "favours the baseline).\n\n" + "\n".join(verdicts) + "\n\n")
+                f"scheduler at {reference_steps} steps, quality = LPIPS (AlexNet) to the reference image of the "
+                "same prompt and noise. Cost = denoiser calls per image; a single knob's baseline is its cheapest "
+                "setting that holds with confidence on the held-out prompts themselves (an oracle choice, so the "
+                "comparison favours the baseline).\n\n" + "\n".join(verdicts) + "\n\n")
     paths = write_calibration_report(results, name=name, out_dir=out_dir, title="Calibrate: issue 20's targets",
                                      preamble=preamble)
     return {"results": results, "verdicts": verdicts, **{k: str(v) for k, v in paths.items()}}

@@ -578,11 +578,16 @@ def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Seque
     """Survivors on all calibration prompts, cheapest first, until each family has a confident setting."""
     survivors = sorted((e for e in screened if not e.hopeless()), key=lambda e: e.cost)
     done: set[str] = set()
+    hopeless: list[Candidate] = []
     out = []
     for e in survivors:
         if e.family in done:
             continue  # a cheaper setting of this family already holds with confidence
+        if any(no_better_than(e.candidate, h) for h in hopeless):
+            continue  # expected no better than a setting that missed on all calibration prompts
         full = search.evaluate(e.candidate, cal, f"calibrate: {e.candidate.label}")
+        if full.hopeless():
+            hopeless.append(e.candidate)
         out.append(full)
         search.note("calibrate", full, "holds with confidence" if full.confident else
                     "holds (point estimate only)" if full.holds else "misses")
