@@ -521,7 +521,8 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
                         f"(reference: {reference.label}); loosen the tolerance or add more steps to the search")
                 chosen = min((e for e in pool if e.holds), key=lambda e: e.cost)
             say(f"chosen: {chosen.candidate.label} ({chosen.cost:.1f} calls per image)")
-            held_rows, held_summary = _validate(search, chosen, calibrated or screened, held, ref_cal)
+            kept = [e for e in screened if not e.hopeless()]
+            held_rows, held_summary = _validate(search, chosen, [*calibrated, *kept], held, ref_cal)
     finally:
         if temp is not None:
             temp.cleanup()
@@ -606,8 +607,8 @@ def _validate(search: _Search, chosen: Evaluation, pool: Sequence[Evaluation], h
     rows = [dict(mine.row(reference), role="chosen")]
     singles: dict[str, dict[str, Any]] = {}
     by_family: dict[str, list[Candidate]] = {}
-    for e in sorted(pool, key=lambda e: e.cost):
-        if e.family in SINGLE_KNOBS:
+    for e in sorted(pool, key=lambda e: e.cost):  # every setting the screen kept, not only those calibrated
+        if e.family in SINGLE_KNOBS and e.candidate not in by_family.get(e.family, []):
             by_family.setdefault(e.family, []).append(e.candidate)
     for family, cands in by_family.items():
         for c in cands:  # cheapest first: the first that holds with confidence on these prompts is the baseline
