@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["check_output_file", "exclusive_folder", "write_atomically"]
+__all__ = ["check_output_file", "exclusive_folder", "read_json", "write_atomically"]
 
 
 def check_output_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
@@ -79,3 +79,18 @@ def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[P
     finally:
         os.close(fd)  # closing releases the lock
 
+
+
+def read_json(path: str | os.PathLike, what: str = "config", missing_hint: str = "") -> object:
+    """The JSON value in ``path``, or a one-line error naming ``what`` file it was and what is wrong."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise StepsaverError(f"{what} file {p} does not exist{missing_hint}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise StepsaverError(f"{what} file {p} is not valid JSON (line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StepsaverError(f"{what} file {p} cannot be read: {exc}") from None

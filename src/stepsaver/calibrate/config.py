@@ -18,7 +18,7 @@ from typing import Any
 
 from stepsaver.calibrate.space import OWN, Candidate
 from stepsaver.errors import StepsaverError
-from stepsaver.files import write_atomically
+from stepsaver.files import read_json, write_atomically
 
 __all__ = ["FORMAT", "CalibratedConfig", "is_calibrated_config", "load_calibrated", "pipeline_fingerprint"]
 
@@ -146,13 +146,5 @@ def is_calibrated_config(data: Any) -> bool:
 
 def load_calibrated(path: str | Path) -> CalibratedConfig:
     """Read a config file written by ``calibrate`` (one-line errors for a missing or foreign file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise StepsaverError(f"calibration file {p} does not exist; make one with `stepsaver calibrate`")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise StepsaverError(f"calibration file {p} is not valid JSON (line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StepsaverError(f"calibration file {p} cannot be read: {exc}") from None
-    return CalibratedConfig.from_dict(data, where=f"calibration file {p}")
+    data = read_json(path, "calibration", "; make one with `stepsaver calibrate`")
+    return CalibratedConfig.from_dict(data, where=f"calibration file {Path(path)}")

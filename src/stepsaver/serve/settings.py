@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stepsaver.errors import StepsaverError
+from stepsaver.files import read_json
 
 MIN_TOKEN_CHARS = 16
 
@@ -65,14 +65,7 @@ class ServeSettings(BaseModel):
         data: dict[str, object] = {}
         if config is not None:
             path = Path(config)
-            if not path.exists():
-                raise StepsaverError(f"config file {path} does not exist")
-            try:
-                loaded = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise StepsaverError(f"config file {path} is not valid JSON (line {exc.lineno})") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise StepsaverError(f"config file {path} cannot be read: {exc}") from None
+            loaded = read_json(path, "config")
             if not isinstance(loaded, dict):
                 raise StepsaverError(f"config file {path} must hold a JSON object of settings")
             from stepsaver.calibrate.config import is_calibrated_config
