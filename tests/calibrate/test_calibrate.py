@@ -249,3 +249,13 @@ def test_generate_with_a_config_refuses_flags_it_sets_and_foreign_models(pipe, t
     assert out.exit_code == 2 and "drop --steps" in out.output
     out = runner.invoke(app, ["generate", "a cat", "--config", str(path), "-o", str(tmp_path / "x.png")])
     assert out.exit_code == 2 and "calibrate this model" in out.output  # the embedded model is not this random one
+
+
+def test_a_spent_time_budget_keeps_the_renders_and_says_so(pipe, tmp_path):
+    with pytest.raises(StepsaverError, match="time budget ran out before any candidate"):
+        calibrate(pipe, PROMPTS, "lpips<=0.2", space=SMALL, work=tmp_path / "w", budget_minutes=1e-9, **KW)
+    full = calibrate(pipe, PROMPTS, "lpips<=0.2", space=SMALL, work=tmp_path / "w", **KW)
+    # the same tiny budget now finishes: every render it needs is on disk, and only rendering is timed
+    again = calibrate(pipe, PROMPTS, "lpips<=0.2", space=SMALL, work=tmp_path / "w", budget_minutes=1e-9, **KW)
+    assert again.summary["renders_made"] == 0 and not again.summary["out_of_time"]
+    assert again.config.candidate == full.config.candidate
