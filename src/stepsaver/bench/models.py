@@ -52,7 +52,7 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     scorer = AdherenceScorer.load()
     rows, feats, shown = [], {}, {}
     for label, folder in pipelines.items():
-        pipe = load_pipeline(folder, scheduler="ddim", device="auto")
+        pipe = load_pipeline(folder, scheduler=None, device="auto")
         for steps in grid:
             images = render_set(pipe, prompts, steps, batch, seed, guidance)
             feats[(label, steps)] = features(images)
