@@ -74,6 +74,11 @@ def test_holding_with_confidence_needs_the_intervals_worse_end_inside():
     assert hi == 1.0 and 0.8 < lo < 0.9
     with pytest.raises(StepsaverError, match="NaN"):
         tol.statistic(np.array([0.1, np.nan]))
+    # the held-out check has fewer prompts: its interval is wider by sqrt(n_cal / n_held)
+    spread = np.r_[np.full(30, 0.03), np.full(18, 0.05)]  # mean 0.0375, sd 0.0098
+    assert tol.holds_with_confidence(spread) and tol.worse_end_at(spread, 48) < 0.042
+    assert tol.expected_to_validate(spread, 16) and not tol.expected_to_validate(spread, 2)
+    assert tol.worse_end_at(spread, 16) == pytest.approx(0.0375 + 1.96 * spread.std(ddof=1) / 4, rel=1e-3)
 
 
 def test_the_split_is_seeded_disjoint_and_complete():
@@ -90,8 +95,8 @@ def test_calibrate_chooses_the_cheapest_confident_setting_and_validates_it(pipe,
     res = calibrate(pipe, PROMPTS, "lpips<=0.03", space=SMALL, work=tmp_path / "w", **KW)
     chosen = res.config.calibration
     assert chosen["confident"] and res.summary["calibration_prompts"] == 9 and res.summary["heldout_prompts"] == 3
-    cheaper_confident = [r for r in res.calibration_rows if r["confident"] and r["cost"] < chosen["cost"]]
-    assert not cheaper_confident
+    assert chosen["passes"] and res.summary["chosen_expected_to_validate"]
+    assert not [r for r in res.calibration_rows if r["passes"] and r["cost"] < chosen["cost"]]
     # the frontier is non-dominated, and cost is the mean of the calls each prompt made
     costs = [r["cost"] for r in res.frontier]
     assert costs == sorted(costs)

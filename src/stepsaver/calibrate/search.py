@@ -12,8 +12,9 @@ The search, in the order it spends time:
 4. **Calibrate**: the screen's survivors, cheapest first (those that met the tolerance on the
    screen before those that did not), on all calibration prompts, until every family (plain
    steps, Skip alone, recommender alone, cache alone, combinations) has its cheapest setting
-   that holds *with confidence* (the 95% interval's worse end inside the tolerance). The
-   cheapest of those is chosen.
+   that *passes*: holds with confidence (the 95% interval's worse end inside the tolerance) and
+   is expected to on the held-out part too (the interval a sample of the held-out size would
+   give, predicted from the calibration sample). The cheapest of those is chosen.
 5. **Validate** on the held-out prompts: the chosen setting, and each single knob's cheapest
    setting that holds there (the baseline the combination must beat, found on the same prompts).
 
@@ -265,13 +266,17 @@ class Evaluation:
     def confident(self) -> bool:
         return self.tolerance.holds_with_confidence(self.values)
 
+    def passes(self, n_heldout: int) -> bool:
+        """Holds with confidence here, and is expected to on ``n_heldout`` held-out prompts as well."""
+        return self.confident and self.tolerance.expected_to_validate(self.values, n_heldout)
+
     def hopeless(self) -> bool:
         """Misses the tolerance even at its interval's better end."""
         lo, hi = self.tolerance.interval(self.values)
         better = hi if (self.tolerance.share is not None or not self.tolerance.lower_is_better) else lo
         return not self.tolerance._meets(better)
 
-    def row(self, reference: Evaluation | None = None) -> dict[str, Any]:
+    def row(self, reference: Evaluation | None = None, n_heldout: int | None = None) -> dict[str, Any]:
         lo, hi = self.tolerance.interval(self.values)
         out = {"setting": self.candidate.label, "family": self.family, "n": self.n,
                "denoiser_calls": round(float(self.calls.mean()), 2), "cost": round(self.cost, 2),
@@ -283,6 +288,8 @@ class Evaluation:
                "statistic": round(self.tolerance.statistic(self.values), 4),
                "interval": [round(lo, 4), round(hi, 4)], "holds": self.holds, "confident": self.confident,
                "config": self.candidate.to_dict()}
+        if n_heldout is not None:
+            out["passes"] = self.passes(n_heldout)
         if reference is not None:
             out["speedup_calls"] = round(reference.cost / self.cost, 3) if self.cost else None
             out["speedup_seconds"] = (round(float(reference.seconds.mean()) / float(self.seconds.mean()), 3)
@@ -502,13 +509,13 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
             try:
                 screened = _screen(search, candidates, screen_idx)
                 stage = "calibration"
-                calibrated = _calibrate_stage(search, screened, cal)
+                calibrated = _calibrate_stage(search, screened, cal, len(held))
             except _OutOfTime:
                 out_of_time = True
                 say(f"time budget of {budget_minutes:g} min ran out during the {stage} stage")
             ref_cal = search.evaluate(reference, cal, "reference", timed=False)
-            confident = [e for e in calibrated if e.confident]
-            chosen = min(confident, key=lambda e: (e.cost, -e.tolerance.slack(e.values)), default=None)
+            passing = [e for e in calibrated if e.passes(len(held))] or [e for e in calibrated if e.confident]
+            chosen = min(passing, key=lambda e: (e.cost, -e.tolerance.slack(e.values)), default=None)
             if chosen is None:
                 pool = calibrated or screened
                 if not pool:
@@ -527,7 +534,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
     finally:
         if temp is not None:
             temp.cleanup()
-    cal_rows = [e.row(ref_cal) for e in sorted(calibrated, key=lambda e: e.cost)]
+    cal_rows = [e.row(ref_cal, len(held)) for e in sorted(calibrated, key=lambda e: e.cost)]
     frontier = [e.row(ref_cal) for e in _frontier(calibrated or screened, tol)]
     wall, cpu = time.monotonic() - started, time.process_time() - cpu0
     predict = _predictability(labels)
@@ -537,13 +544,14 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
                "renders_made": renderer.rendered, "wall_minutes": round(wall / 60, 2),
                "cpu_minutes": round(cpu / 60, 2), "out_of_time": out_of_time,
                "chosen": chosen.candidate.label, "chosen_confident_on_calibration": chosen.confident,
+               "chosen_expected_to_validate": chosen.passes(len(held)),
                **held_summary, **predict}
     config = CalibratedConfig(
         model=model or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__), fingerprint=fingerprint,
         candidate=chosen.candidate, tolerance=str(tol), reference=reference.to_dict(), guidance=guidance,
         recommender=rec_name if chosen.candidate.confidence is not None else None,
         scheduler_class=type(pipe.scheduler).__name__ if chosen.candidate.scheduler == OWN else "",
-        calibration=chosen.row(ref_cal), heldout=held_summary)
+        calibration=chosen.row(ref_cal, len(held)), heldout=held_summary)
     return CalibrationResult(config, cal_rows, [e.row() for e in screened], frontier, {"rows": held_rows,
                                                                                          **held_summary}, summary)
 
@@ -576,8 +584,13 @@ def _screen(search: _Search, candidates: Sequence[Candidate], idx: Sequence[int]
     return out
 
 
-def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Sequence[int]) -> list[Evaluation]:
-    """Survivors on all calibration prompts, cheapest first, until each family has a confident setting.
+def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Sequence[int],
+                     n_heldout: int) -> list[Evaluation]:
+    """Survivors on all calibration prompts, cheapest first, until each family has a passing setting.
+
+    Passing means holding with confidence on the calibration prompts *and* being expected to on
+    ``n_heldout`` held-out prompts (:meth:`Tolerance.worse_end_at`): the held-out check has fewer
+    prompts, so a setting that only just fits here would fail there.
 
     Two passes: first the settings whose screen estimate already met the tolerance; then, only
     for families still without a confident setting, the survivors that missed it on the screen
@@ -599,9 +612,10 @@ def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Seque
             if full.hopeless():
                 hopeless.append(e.candidate)
             out.append(full)
-            search.note("calibrate", full, "holds with confidence" if full.confident else
-                        "holds (point estimate only)" if full.holds else "misses")
-            if full.confident:
+            search.note("calibrate", full, "passes" if full.passes(n_heldout) else
+                        f"holds with confidence, but too close for {n_heldout} held-out prompts" if full.confident
+                        else "holds (point estimate only)" if full.holds else "misses")
+            if full.passes(n_heldout):
                 done.add(full.family)
             if done >= families:
                 return out

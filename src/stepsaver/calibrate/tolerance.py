@@ -104,6 +104,25 @@ class Tolerance:
         """The interval's worse end is inside the tolerance."""
         return self._meets(self.worse_end(values, n_boot, seed))
 
+    def worse_end_at(self, values: np.ndarray, n: int) -> float:
+        """The worse end of the 95% interval a sample of ``n`` prompts like these is expected to give.
+
+        The calibration prompts choose and ``n`` held-out prompts validate; a setting whose own
+        interval only just fits on the calibration part fails the held-out check, whose interval
+        is wider by ``sqrt(n_calibration / n)``. This is the interval that check will compute,
+        predicted from the calibration sample: normal approximation of the mean (the
+        bootstrap's large-sample limit) or Wilson's interval of the same share at ``n``.
+        """
+        v = _checked(values, self.metric)
+        if self.share is not None:
+            return wilson(round(float(self.within(v).mean()) * n), n)[0]
+        half = Z95 * float(v.std(ddof=1)) / math.sqrt(n) if len(v) > 1 else 0.0
+        return float(v.mean()) + (half if self.lower_is_better else -half)
+
+    def expected_to_validate(self, values: np.ndarray, n: int) -> bool:
+        """Whether a held-out sample of ``n`` prompts like these should show the tolerance with confidence."""
+        return self._meets(self.worse_end_at(values, n))
+
     def slack(self, values: np.ndarray) -> float:
         """How far inside the tolerance the statistic is (negative: outside), in the statistic's units."""
         stat = self.statistic(values)
