@@ -38,8 +38,10 @@ def _verdicts(name: str, res: Any, first: bool) -> list[str]:
         out.append("  no single knob holds with confidence on the held-out prompts: nothing to compare with")
     else:
         word = "faster than" if ratio > 1.0 + 1e-9 else ("as fast as" if abs(ratio - 1.0) <= 1e-9 else "SLOWER than")
+        caveat = "" if s["heldout_holds_with_confidence"] else \
+            " (but only that knob holds with confidence on these prompts, so the target is not met)"
         out.append(f"  chosen ({s['chosen']}) is {word} the best single knob ({s['best_single_knob']}): "
-                   f"{ratio:.3f}x its cost")
+                   f"{ratio:.3f}x its cost{caveat}")
     cpu = s["cpu_minutes"]
     if first:
         out.append(f"  calibration took {cpu} CPU minutes ({s['wall_minutes']} wall) from an empty render cache: "
