@@ -6,6 +6,7 @@ any ASCII prompt, so the real ``CLIPTokenizer`` loading and encoding code runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -478,3 +479,14 @@ def counting_backend():
         return run
 
     return stats, backend
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread for the block (deterministic reductions; no oversubscription on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

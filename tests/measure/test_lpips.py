@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from stepsaver.errors import StepsaverError
 from stepsaver.measure import lpips as lp
 from stepsaver.measure.lpips import LPIPS, lpips_cache_dir, lpips_distance, lpips_state_dict
+from tests.helpers import one_torch_thread
 
 SIZE = 64
 
@@ -32,10 +33,8 @@ needs_weights = pytest.mark.skipif(  # CI installs it (Makefile), so there a mis
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

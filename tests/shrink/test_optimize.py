@@ -42,10 +42,8 @@ class FixedTimer:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with helpers.one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
