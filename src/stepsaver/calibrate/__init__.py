@@ -7,10 +7,10 @@ that ``generate --config``, the Python API and ``serve --config`` run).
 """
 
 from stepsaver.calibrate.config import CalibratedConfig, is_calibrated_config, load_calibrated, pipeline_fingerprint
-from stepsaver.calibrate.search import CalibrationResult, Evaluation, calibrate, prompts_from_file, split_prompts
+from stepsaver.calibrate.search import CalibrationResult, Evaluation, calibrate, split_prompts
 from stepsaver.calibrate.space import OWN, Candidate, SearchSpace
 from stepsaver.calibrate.tolerance import Tolerance, parse_tolerance
 
 __all__ = ["OWN", "CalibratedConfig", "CalibrationResult", "Candidate", "Evaluation", "SearchSpace", "Tolerance",
            "calibrate", "is_calibrated_config", "load_calibrated", "parse_tolerance", "pipeline_fingerprint",
-           "prompts_from_file", "split_prompts"]
+           "split_prompts"]

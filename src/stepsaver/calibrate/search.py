@@ -649,15 +649,3 @@ def _validate(search: _Search, chosen: Evaluation, pool: Sequence[Evaluation], h
                "best_single_knob": None if best_single is None else best_single["setting"],
                "vs_best_single_knob": None if best_single is None else round(best_single["cost"] / mine.cost, 3)}
     return rows, summary
-
-
-def prompts_from_file(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines and ``#`` comments skipped); one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise StepsaverError(f"prompt file {p} does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StepsaverError(f"prompt file {p} cannot be read as UTF-8 text: {exc}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

@@ -39,7 +39,8 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @app.command()
 @command
 def calibrate(
-    prompts: Path = typer.Option(..., "--prompts", "-p", help="Prompt file, one per line (>= 4; 64+ recommended)."),
+    prompts: Path = typer.Option(..., "--prompts", "-p",
+                                 help="Prompts: txt (one a line), csv, jsonl, json, parquet; >= 4."),
     tolerance: str = typer.Option(..., "--tolerance", "-t",
                                   help="e.g. 'lpips<=0.05', 'psnr>=35', 'ssim>=0.95', 'lpips<=0.05 for 95%'."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the calibrated config (JSON)."),
@@ -70,12 +71,13 @@ def calibrate(
     as_json: bool = JsonOpt,
 ) -> None:
     """Find the cheapest configuration whose images stay within the tolerance, and save it for production."""
-    from stepsaver.calibrate import SearchSpace, parse_tolerance, prompts_from_file
+    from stepsaver.calibrate import SearchSpace, parse_tolerance
     from stepsaver.calibrate import calibrate as run_calibrate
     from stepsaver.calibrate.space import OWN
     from stepsaver.files import check_output_file
     from stepsaver.pipelines import load_pipeline, scheduler_spec, weights_fingerprint
     from stepsaver.predict.label import parse_grid
+    from stepsaver.predict.prompts import read_prompts
 
     tol = parse_tolerance(tolerance)  # every input is checked before the model loads
     ref_steps, ref_scheduler = parse_reference(reference)
@@ -89,7 +91,7 @@ def calibrate(
                         confidences=_floats(confidences, "confidences"),
                         caches=SearchSpace().caches if caches else ())
     space.validate(ref_steps)
-    text = prompts_from_file(prompts)
+    text = read_prompts(prompts)
     label_rows = None
     if labels:
         from stepsaver.predict.dataset import read_label_rows

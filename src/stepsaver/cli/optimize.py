@@ -55,9 +55,9 @@ def optimize(
     if out.exists() and not out.is_dir():
         raise StepsaverError(f"--out {out} is a file; give a folder for the optimised model")
     if prompts is not None:
-        from stepsaver.calibrate import prompts_from_file
+        from stepsaver.predict.prompts import read_prompts
 
-        text = prompts_from_file(prompts)
+        text = read_prompts(prompts)
         if not text:
             raise StepsaverError(f"prompt file {prompts} has no prompts")
     else:
