@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepsaver.calibrate.space import OWN, Candidate
+from stepsaver.calibrate.space import OWN, Candidate, skip_config
 from stepsaver.errors import StepsaverError
 from stepsaver.files import read_json, write_atomically
 
@@ -124,12 +124,17 @@ class CalibratedConfig:
         if c.scheduler != OWN:
             pipe.scheduler = make_scheduler(c.scheduler, pipe.scheduler.config)
         if c.skip is not None:
-            from stepsaver.skip import AdaptiveSkipConfig, enable_adaptive_skip
+            from stepsaver.skip import enable_adaptive_skip
 
-            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=c.skip[0], max_skips=c.skip[1]))
+            enable_adaptive_skip(pipe, skip_config(c.skip))
+        self.attach_cache(pipe)
+        return pipe
+
+    def attach_cache(self, pipe: Any) -> None:
+        """Enable the calibrated diffusers cache on ``pipe``'s transformer (nothing when there is none)."""
+        c = self.candidate
         if c.cache is not None:
             pipe.transformer.enable_cache(c.cache.diffusers_config(pipe, c.steps or 0))
-        return pipe
 
     def steps(self) -> Any:
         """The ``steps`` argument of :func:`stepsaver.generate`: a count, or the recommender's chooser."""

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from stepsaver.calibrate.config import CalibratedConfig, pipeline_fingerprint
-from stepsaver.calibrate.space import OWN, Candidate, RenderKey, SearchSpace
+from stepsaver.calibrate.space import OWN, Candidate, RenderKey, SearchSpace, skip_config
 from stepsaver.calibrate.tolerance import Tolerance, parse_tolerance
 from stepsaver.errors import StepsaverError
 from stepsaver.files import exclusive_folder, write_atomically
@@ -151,13 +151,13 @@ class Renderer:
     def configured(self, key: RenderKey) -> Iterator[None]:
         """The pipeline set up for ``key`` for the block, exactly as it was afterwards."""
         from stepsaver.pipelines import make_scheduler
-        from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+        from stepsaver.skip import disable_adaptive_skip, enable_adaptive_skip
 
         self.pipe.scheduler = (self.base_scheduler.__class__.from_config(self.base_scheduler.config)
                                if key.scheduler == OWN else make_scheduler(key.scheduler, self.base_scheduler.config))
         try:
             if key.skip is not None:
-                enable_adaptive_skip(self.pipe, AdaptiveSkipConfig(threshold=key.skip[0], max_skips=key.skip[1]))
+                enable_adaptive_skip(self.pipe, skip_config(key.skip))
                 try:
                     yield
                 finally:

@@ -21,11 +21,20 @@ from typing import Any
 from stepsaver.caches import CacheSpec
 from stepsaver.errors import StepsaverError
 
-__all__ = ["FAMILIES", "OWN", "Candidate", "RenderKey", "SearchSpace"]
+__all__ = ["FAMILIES", "OWN", "Candidate", "RenderKey", "SearchSpace", "skip_config"]
 
 OWN = "own"  # the scheduler the pipeline came with (flow-matching models have no registry alternative)
 # single-knob families (the baselines a combination must beat) and the rest
 FAMILIES = ("steps", "skip", "recommender", "cache", "scheduler", "combined", "reference")
+
+
+def skip_config(skip: tuple[float, int] | None) -> Any:
+    """The :class:`~stepsaver.skip.AdaptiveSkipConfig` of a ``(threshold, max_skips)`` pair (None: off)."""
+    if skip is None:
+        return None
+    from stepsaver.skip.config import AdaptiveSkipConfig
+
+    return AdaptiveSkipConfig(threshold=skip[0], max_skips=skip[1])
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from stepsaver.calibrate.space import skip_config
 from stepsaver.errors import StepsaverError
 from stepsaver.serve.engine import BatchKey, GenerationEngine, QueueFull
 from stepsaver.serve.metrics import Metrics
@@ -178,9 +179,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
                 return load_pipeline(settings.model)
             pipe = load_pipeline(settings.model, scheduler=None)
             calibrated.check(pipe)  # refuses another model's calibration before serving anything
-            if calibrated.candidate.cache is not None:  # diffusers' caches stay on; Skip is set per batch
-                pipe.transformer.enable_cache(calibrated.candidate.cache.diffusers_config(
-                    pipe, calibrated.candidate.steps or 0))
+            calibrated.attach_cache(pipe)  # diffusers' caches stay on; Skip is set per batch
             return pipe
 
         engine = GenerationEngine(pipe_factory or default_factory, workers=settings.workers,
@@ -307,8 +306,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             raise _field_error("steps", f"steps must be in 1..{settings.max_steps} or 'auto', got {steps}")
         skip = None
         if calibrated is not None and "skip" not in given:
-            cs = calibrated.candidate.skip
-            skip = None if cs is None else AdaptiveSkipConfig(threshold=cs[0], max_skips=cs[1])
+            skip = skip_config(calibrated.candidate.skip)
         elif body.skip is not False:
             opts = body.skip if not isinstance(body.skip, bool) else None
             skip = AdaptiveSkipConfig(threshold=opts.threshold, max_skips=opts.max_skips) if opts \
