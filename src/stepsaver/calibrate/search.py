@@ -344,10 +344,10 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
 class _Search:
     """The state of one calibration run (see the module docstring for the stages)."""
 
-    def __init__(self, pipe: Any, prompts: list[str], tolerance: Tolerance, reference: Candidate,
-                 space: SearchSpace, renderer: Renderer, recommender: Any, seed: int) -> None:
-        self.pipe, self.prompts, self.tol, self.reference = pipe, prompts, tolerance, reference
-        self.space, self.renderer, self.rec = space, renderer, recommender
+    def __init__(self, prompts: list[str], tolerance: Tolerance, reference: Candidate, renderer: Renderer,
+                 recommender: Any, seed: int) -> None:
+        self.prompts, self.tol, self.reference = prompts, tolerance, reference
+        self.renderer, self.rec = renderer, recommender
         self.seeds = [seed + i for i in range(len(prompts))]
         self.scorer = Scorer()
         self.steps_memo: dict[tuple[float, int], int] = {}
@@ -497,7 +497,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
         with exclusive_folder(root, "calibration"), progress.progress:
             renderer = Renderer(pipe, RenderStore(root / fingerprint, meta), guidance, batch_size, call_kwargs,
                                 deadline, progress)
-            search = _Search(pipe, prompts, tol, reference, space, renderer, recommender, seed)
+            search = _Search(prompts, tol, reference, renderer, recommender, seed)
             search.say = say
             say(f"reference: {reference.label} on {len(prompts)} prompts")
             search.evaluate(reference, list(range(len(prompts))), "reference", timed=False)
