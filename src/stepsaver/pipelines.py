@@ -119,7 +119,8 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     config = dict(base_config)
     if is_flow_matching(config) != spec.flow:
         kind = "a flow-matching" if spec.flow is False else "a noise-schedule (diffusion)"
-        raise StepsaverError(f"scheduler {name!r} does not fit {kind} model ({config.get('_class_name')}); "
+        owner = f" ({config['_class_name']})" if "_class_name" in config else ""
+        raise StepsaverError(f"scheduler {name!r} does not fit {kind} model{owner}; "
                              f"use one of: {', '.join(schedulers_for(config))} (or the model's own scheduler)")
     kwargs = dict(spec.kwargs)
     if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
