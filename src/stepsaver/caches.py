@@ -17,7 +17,7 @@ from typing import Any
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["CACHE_KINDS", "CacheSpec", "supports_caches"]
+__all__ = ["CACHE_KINDS", "CacheSpec", "cache_kinds_for", "supports_caches"]
 
 CACHE_KINDS = {"fbc": "FirstBlockCache", "magcache": "MagCache", "taylorseer": "TaylorSeer",
                "pab": "PAB", "fastercache": "FasterCache"}
@@ -30,6 +30,22 @@ def supports_caches(pipe: Any) -> bool:
     from diffusers.models.cache_utils import CacheMixin
 
     return isinstance(getattr(pipe, "transformer", None), CacheMixin)
+
+
+def _unet(pipe: Any) -> Any:
+    import torch
+
+    unet = getattr(pipe, "unet", None)
+    return unet if isinstance(unet, torch.nn.Module) else None
+
+
+def cache_kinds_for(pipe: Any) -> tuple[str, ...]:
+    """The caches that run on this pipeline's denoiser: all of them on a ``CacheMixin`` transformer;
+    only PyramidAttentionBroadcast on a UNet, where diffusers' hook function attaches to the
+    attention modules directly (``apply_pyramid_attention_broadcast``) without ``enable_cache``."""
+    if supports_caches(pipe):
+        return tuple(CACHE_KINDS)
+    return ("pab",) if _unet(pipe) is not None else ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,10 @@ class CacheSpec:
     @contextlib.contextmanager
     def applied(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
         """Attach the cache for the block and take it off again, whatever happens inside."""
+        if self.kind == "pab" and not supports_caches(pipe) and _unet(pipe) is not None:
+            with _unet_pab(pipe, dict(self.knobs)["skip"]):
+                yield
+            return
         if not supports_caches(pipe):
             denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
             raise StepsaverError(f"{CACHE_KINDS[self.kind]} needs a CacheMixin denoiser (Flux-layout transformers); "
@@ -97,3 +117,36 @@ class CacheSpec:
             yield
         finally:
             pipe.transformer.disable_cache()
+
+
+@contextlib.contextmanager
+def _unet_pab(pipe: Any, skip: int) -> Iterator[None]:
+    """PyramidAttentionBroadcast on a UNet, which has no ``enable_cache``.
+
+    diffusers' ``apply_pyramid_attention_broadcast`` hooks the attention modules of any model; it
+    needs the current timestep, which an SD-style pipeline does not publish as
+    ``pipe.current_timestep``, so a forward pre-hook on the UNet records the ``timestep`` it is
+    called with. The same timestep range and callback shape as the Flux setting, so both models'
+    PAB rows mean the same thing. Removed with diffusers' own ``remove_hook(recurse=True)``.
+    """
+    import diffusers
+    from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    unet = _unet(pipe)
+    now: dict[str, Any] = {"t": 1000}
+
+    def record(_module: Any, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            now["t"] = float(t.flatten()[0]) if hasattr(t, "flatten") else float(t)
+
+    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    apply_pyramid_attention_broadcast(unet, diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: now["t"]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        HookRegistry.check_if_exists_or_initialize(unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)

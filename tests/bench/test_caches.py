@@ -11,24 +11,55 @@ from stepsaver.errors import StepsaverError
 from tests import helpers
 
 
-def test_toy_run_has_every_method_and_writes_the_report(tmp_path):
-    cfg = CachesBenchConfig(n=2, calib_n=1, time_n=1, steps=(6,), ours_thresholds=(0.05, 0.5),
-                            fbc_thresholds=(0.2,), magcache_thresholds=(0.1,), taylorseer=((2, 1),), pab_skips=(2,),
-                            fastercache_skips=(2,), plain_fractions=(0.5,), fid=False, adherence=False, height=32,
-                            extra_call_kwargs={"max_sequence_length": 16}, threads=1)
-    result = bench_caches(cfg, out_dir=tmp_path, pipe=helpers.build_flux(), progress=False)
-    kinds = [r["kind"] for r in result["rows"]]
+def _toy(tmp_path, **kw):
+    return CachesBenchConfig(**{**dict(n=2, calib_n=1, time_n=1, steps=(6,), ours_thresholds=(0.05, 0.5),
+                                       fbc_thresholds=(0.2,), magcache_thresholds=(0.1,), taylorseer=((2, 1),),
+                                       pab_skips=(2,), fastercache_skips=(2,), deepcache_intervals=(3,),
+                                       plain_fractions=(0.5,), fid=False, adherence=False, height=32,
+                                       extra_call_kwargs={"max_sequence_length": 16}, threads=1, unet_model=None,
+                                       work=str(tmp_path / "work")), **kw})
+
+
+def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
+    import stepsaver.bench.caches as caches
+
+    cfg = _toy(tmp_path, unet_model="sd15")
+    unet = helpers.build_sd15()
+    result = bench_caches(cfg, out_dir=tmp_path, pipe=helpers.build_flux(), unet_pipe=unet, progress=False)
+    flux = [r for r in result["rows"] if r["model"] == "tiny-flux"]
+    kinds = [r["kind"] for r in flux]
     assert set(kinds) == {"full", "plain", "ours", "fbc", "magcache", "taylorseer", "pab", "fastercache", "iso"}
-    by = {r["method"]: r for r in result["rows"]}
+    by = {r["method"]: r for r in flux}
     full = by["full"]
     assert full["denoiser_calls"] == 12 and full["speedup"] == 1.0  # true CFG: two transformer calls a step
     assert by["ours (threshold=0.5)"]["denoiser_calls"] < 12  # ours skips whole calls
     assert by["FirstBlockCache (threshold=0.2)"]["denoiser_calls"] == 12  # a block cache calls every step
     assert all(r["gmacs_per_image"] > 0 and r["median_latency_ms"] > 0 for r in result["rows"])
-    assert any("ours (threshold=0.5)" in r["iso_of"] for r in result["rows"] if r["kind"] == "iso")
+    assert any("ours (threshold=0.5)" in r["iso_of"] for r in flux if r["kind"] == "iso")
+    # The UNet half: only what runs on a UNet, with its own verdicts.
+    assert {r["kind"] for r in result["rows"] if r["model"] == "sd15"} <= {"full", "plain", "ours", "iso", "pab",
+                                                                          "deepcache"}
+    assert {"pab", "deepcache"} <= {r["kind"] for r in result["rows"] if r["model"] == "sd15"}
     payload = json.loads((tmp_path / "caches.json").read_text())
-    assert len(payload["magcache_ratios"]["6"]) == 6 and "steps_6" in payload["targets"]
+    assert len(payload["magcache_ratios"]["6"]) == 6 and {"steps_6", "sd15_steps_6"} <= set(payload["targets"])
     assert (tmp_path / "caches.png").stat().st_size > 0 and "## Targets" in (tmp_path / "caches.md").read_text()
+    # A second run on the same work folder renders no image again (only timing, MACs and memory
+    # call the pipeline), and gets the same quality numbers.
+    renders = []
+    real = caches._render
+    monkeypatch.setattr(caches, "_render", lambda *a, **k: renders.append(a[1]) or real(*a, **k))
+    again = bench_caches(_toy(tmp_path, unet_model=None), out_dir=tmp_path / "again", pipe=helpers.build_flux(),
+                         progress=False)
+    n_methods = len(flux)
+    assert len(renders) == 4 * n_methods  # warm-up, one timed (time_n 1), MACs, memory; no image renders
+    assert [r["psnr_db"] for r in again["rows"]] == [r["psnr_db"] for r in flux]
+
+
+def test_a_busy_work_folder_is_refused(tmp_path):
+    from stepsaver.files import exclusive_folder
+
+    with exclusive_folder(tmp_path / "work"), pytest.raises(StepsaverError, match="in use by another bench caches"):
+        bench_caches(_toy(tmp_path), out_dir=tmp_path, pipe=helpers.build_flux(), progress=False)
 
 
 def _r(kind, speedup, psnr, lpips, method=None, iso_of=()):

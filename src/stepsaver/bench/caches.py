@@ -19,14 +19,27 @@ the transformer every step and saves inside it, which shows in MACs), MACs per i
 (``FlopCounterMode``), peak memory, median latency (round robin over ``time_n`` prompts),
 speedup (full median / method median), PSNR, LPIPS, FID against the full-step images, and
 adherence (the shipped scene reader).
+
+**The UNet half** (``unet_model``, default the embedded ``tiny``): the same held-out prompts and
+noise on the UNet model, with the methods that run on a ``UNet2DConditionModel``: plain fewer
+steps, ours, DeepCache (PyPI ``DeepCache``, cache intervals) and PAB (diffusers'
+``apply_pyramid_attention_broadcast`` on its attention modules; no other diffusers cache attaches
+to a UNet). Its rows carry ``model`` = the UNet's name and get their own verdicts and Pareto panels.
+
+**Renders are kept** under ``work`` (one ``.npz`` per prompt in a folder per model weights,
+method and settings, written atomically; the folder is locked, so a second run on it is refused):
+a run killed half-way resumes where it stopped, and only the timing pass renders again.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import io
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsaver.caches import CACHE_KINDS, CacheSpec
+from stepsaver.caches import CACHE_KINDS, CacheSpec, cache_kinds_for
 from stepsaver.errors import StepsaverError
 from stepsaver.jsonsafe import finite
 
@@ -44,16 +57,18 @@ __all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcac
 
 SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
 DIFFUSERS_CACHES = tuple(CACHE_KINDS)
-NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", **CACHE_KINDS}
-COLUMNS = ["steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms", "speedup",
-           "psnr_db", "lpips", "fid", "adherence"]
+NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "deepcache": "DeepCache",
+         **CACHE_KINDS}
+RIVALS = (*DIFFUSERS_CACHES, "deepcache")  # the methods ours must beat at equal or greater speedup
+COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms",
+           "speedup", "psnr_db", "lpips", "fid", "adherence"]
 
 
 @dataclass(frozen=True)
 class CacheMethod:
     """One way to render at ``steps``: plain steps, our hook, or one diffusers cache with its knobs."""
 
-    kind: str  # "full" | "plain" | "iso" | "ours" | one of DIFFUSERS_CACHES
+    kind: str  # "full" | "plain" | "iso" | "ours" | "deepcache" | one of DIFFUSERS_CACHES
     steps: int
     knobs: tuple[tuple[str, Any], ...] = ()
 
@@ -83,6 +98,16 @@ class CacheMethod:
                 yield
             finally:
                 disable_adaptive_skip(pipe)
+        elif self.kind == "deepcache":
+            from DeepCache import DeepCacheSDHelper
+
+            helper = DeepCacheSDHelper(pipe=pipe)
+            helper.set_params(cache_interval=dict(self.knobs)["interval"], cache_branch_id=0)
+            helper.enable()
+            try:
+                yield
+            finally:
+                helper.disable()
         elif self.kind in DIFFUSERS_CACHES:
             with CacheSpec(self.kind, self.knobs).applied(pipe, self.steps, mag_ratios):
                 yield
@@ -95,6 +120,8 @@ class CachesBenchConfig:
     """What ``bench_caches`` runs; the CLI exposes each field as an option."""
 
     model: str = "tiny-flux"
+    unet_model: str | None = "tiny"  # the UNet half (None: Flux only)
+    unet_n: int | None = None  # prompts of the UNet half (None: n)
     n: int = 200
     calib_n: int = 16  # MagCache calibration prompts (training split)
     time_n: int = 20
@@ -109,12 +136,14 @@ class CachesBenchConfig:
     taylorseer: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (3, 2), (5, 1))
     pab_skips: tuple[int, ...] = (2, 3)
     fastercache_skips: tuple[int, ...] = (2,)
+    deepcache_intervals: tuple[int, ...] = (2, 3, 5)
     plain_fractions: tuple[float, ...] = (0.25, 0.4, 0.6)
     fid: bool = True
     adherence: bool = True
     device: str = "auto"
     threads: int | None = None
     height: int | None = None  # None: the model's own size
+    work: str | None = "runs/caches-bench"  # render cache (None: keep nothing)
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def call_kwargs(self) -> dict[str, Any]:
@@ -122,8 +151,11 @@ class CachesBenchConfig:
         return {**self.extra_call_kwargs, **({"height": self.height, "width": self.height} if self.height else {})}
 
     def validate(self) -> None:
-        if self.n < 2:
-            raise StepsaverError(f"--n must be >= 2 (FID needs two images per set), got {self.n}")
+        for name in ("n", "unet_n"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise StepsaverError(f"--{name.replace('_', '-')} must be >= 2 (FID needs two images per set), "
+                                     f"got {value}")
         for name in ("calib_n", "time_n", "macs_n"):
             value = getattr(self, name)
             if not 1 <= value <= (self.n if name != "calib_n" else 10_000):
@@ -135,16 +167,19 @@ class CachesBenchConfig:
         if any(not 0 < f < 1 for f in self.plain_fractions):
             raise StepsaverError(f"plain fractions must be in (0, 1), got {self.plain_fractions}")
 
-    def methods(self, steps: int) -> list[CacheMethod]:
-        """Every row at ``steps`` except the iso-cost ones (known after ours ran)."""
+    def methods(self, steps: int, kinds: Sequence[str] = (*DIFFUSERS_CACHES,)) -> list[CacheMethod]:
+        """Every row at ``steps`` except the iso-cost ones (known after ours ran), for the caches in
+        ``kinds`` (what the model runs: every diffusers cache on Flux; PAB and DeepCache on a UNet)."""
         rows = [CacheMethod("full", steps)]
         rows += [CacheMethod("plain", steps, (("steps", max(2, round(steps * f))),)) for f in self.plain_fractions]
         rows += [CacheMethod("ours", steps, (("threshold", t),)) for t in self.ours_thresholds]
-        rows += [CacheMethod("fbc", steps, (("threshold", t),)) for t in self.fbc_thresholds]
-        rows += [CacheMethod("magcache", steps, (("threshold", t),)) for t in self.magcache_thresholds]
-        rows += [CacheMethod("taylorseer", steps, (("interval", i), ("order", o))) for i, o in self.taylorseer]
-        rows += [CacheMethod("pab", steps, (("skip", k),)) for k in self.pab_skips]
-        rows += [CacheMethod("fastercache", steps, (("skip", k),)) for k in self.fastercache_skips]
+        sweeps = {"fbc": [(("threshold", t),) for t in self.fbc_thresholds],
+                  "magcache": [(("threshold", t),) for t in self.magcache_thresholds],
+                  "taylorseer": [(("interval", i), ("order", o)) for i, o in self.taylorseer],
+                  "pab": [(("skip", k),) for k in self.pab_skips],
+                  "fastercache": [(("skip", k),) for k in self.fastercache_skips],
+                  "deepcache": [(("interval", k),) for k in self.deepcache_intervals]}
+        rows += [CacheMethod(kind, steps, knobs) for kind in sweeps if kind in kinds for knobs in sweeps[kind]]
         return rows
 
 
@@ -210,72 +245,148 @@ def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesB
     return image, r.denoiser_calls, r.seconds
 
 
+def _vae_fingerprint(pipe: Any) -> str:
+    """A short hash of the VAE's weights (names and the first values of each tensor): the images
+    depend on the decoder, which the denoiser's fingerprint does not cover."""
+    import torch
+
+    digest = hashlib.sha1()
+    vae = getattr(pipe, "vae", None)
+    if isinstance(vae, torch.nn.Module):
+        for name, param in vae.state_dict().items():
+            digest.update(name.encode())
+            digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+class _Renders:
+    """One model's renders on disk: ``root/<model>-<kind>-<steps>-<key digest>/<index>.npz``.
+
+    The key hashes everything that decides an image (the model's weights fingerprint, the method
+    and its knobs, MagCache's ratios, guidance, seeds, call arguments), and each file keeps its
+    prompt, so a retrained model or a changed scene vocabulary never reuses a stale image. Files
+    are written atomically (a temporary name, then ``os.replace``); a torn file is rendered again.
+    """
+
+    def __init__(self, root: Path | None, pipe: Any, label: str, cfg: CachesBenchConfig) -> None:
+        self.root = root
+        self.base: dict[str, Any] = {}
+        if root is not None:
+            from stepsaver.calibrate import pipeline_fingerprint
+
+            weights = pipeline_fingerprint(pipe) + "-" + _vae_fingerprint(pipe)
+            self.base = {"model": label, "weights": weights, "guidance": cfg.guidance,
+                         "seed": cfg.seed, "prompt_seed": cfg.prompt_seed,
+                         "call": repr(sorted(cfg.call_kwargs().items()))}
+
+    def _file(self, method: CacheMethod, mag: Sequence[float] | None, i: int) -> Path:
+        assert self.root is not None
+        key = json.dumps({**self.base, "kind": method.kind, "steps": method.steps, "knobs": method.knobs,
+                          "mag": [round(v, 6) for v in mag] if method.kind == "magcache" and mag else None},
+                         sort_keys=True, default=str)
+        name = f"{self.base['model']}-{method.kind}-{method.steps}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        return self.root / name / f"{i:05d}.npz"
+
+    def get(self, method: CacheMethod, mag: Sequence[float] | None, i: int,
+            prompt: str) -> tuple[np.ndarray, int] | None:
+        if self.root is None:
+            return None
+        try:
+            with np.load(self._file(method, mag, i)) as z:
+                if str(z["prompt"]) != prompt:
+                    return None
+                return z["image"].copy(), int(z["calls"])
+        except (OSError, ValueError, KeyError):  # missing, torn or foreign: render again
+            return None
+
+    def put(self, method: CacheMethod, mag: Sequence[float] | None, i: int, prompt: str, image: np.ndarray,
+            calls: int) -> None:
+        if self.root is None:
+            return
+        path = self._file(method, mag, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        np.savez(tmp, image=image, calls=calls, prompt=prompt)
+        os.replace(tmp, path)
+
+
 def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
-    """Issue 19's targets from the rows, per step count.
+    """Issue 19's targets from the rows, per model and step count.
 
     In the speedup band 1.5x-3x, each of our rows must have higher PSNR and lower LPIPS than every
-    diffusers-cache row at equal or greater speedup, and beat its iso-cost plain-steps row.
+    rival cache row (diffusers' caches; DeepCache on the UNet) at equal or greater speedup, and
+    beat its iso-cost plain-steps row. Keys are ``steps_N`` for the first model (the Flux one) and
+    ``<model>_steps_N`` for any other.
     """
     out: dict[str, Any] = {}
-    for steps in sorted({r["steps"] for r in rows}):
-        at = [r for r in rows if r["steps"] == steps]
-        ours = [r for r in at if r["kind"] == "ours" and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
-        caches = [r for r in at if r["kind"] in DIFFUSERS_CACHES]
-        losses, iso_losses = [], []
-        for o in ours:
-            for c in caches:
-                if c["speedup"] >= o["speedup"] and not (o["psnr_db"] > c["psnr_db"] and o["lpips"] < c["lpips"]):
-                    losses.append(f"{o['method']} {o['speedup']:.2f}x {o['psnr_db']:.1f} dB vs {c['method']} "
-                                  f"{c['speedup']:.2f}x {c['psnr_db']:.1f} dB")
-            iso = next((r for r in at if r["kind"] == "iso" and o["method"] in r["iso_of"]), None)
-            if iso is not None and not (o["psnr_db"] > iso["psnr_db"] and o["lpips"] < iso["lpips"]):
-                iso_losses.append(f"{o['method']} vs {iso['method']}")
-        holds = bool(ours) and not losses and not iso_losses
-        text = (f"**{steps} steps: {'holds' if holds else 'does not hold'}** — {len(ours)} of our settings in the "
-                f"{SPEEDUP_RANGE[0]:g}x-{SPEEDUP_RANGE[1]:g}x band"
-                + (f"; beaten or tied by a cache at equal or greater speedup: {'; '.join(losses)}" if losses else "")
-                + (f"; not better than plain steps at the same calls: {'; '.join(iso_losses)}" if iso_losses else "")
-                + ".")
-        if not ours:
-            text = f"**{steps} steps: not evaluated** — none of our settings landed in the speedup band."
-        out[f"steps_{steps}"] = {"holds": holds if ours else None, "losses": losses, "iso_losses": iso_losses,
-                                 "text": text}
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
+    for model in models:
+        for steps in sorted({r["steps"] for r in rows if r.get("model", "") == model}):
+            at = [r for r in rows if r["steps"] == steps and r.get("model", "") == model]
+            where = f"{model + ', ' if len(models) > 1 else ''}{steps} steps"
+            key = f"steps_{steps}" if model == models[0] else f"{model}_steps_{steps}"
+            out[key] = _verdict(at, where)
     return out
 
 
+def _verdict(at: Sequence[dict], where: str) -> dict[str, Any]:
+    ours = [r for r in at if r["kind"] == "ours" and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
+    caches = [r for r in at if r["kind"] in RIVALS]
+    losses, iso_losses = [], []
+    for o in ours:
+        for c in caches:
+            if c["speedup"] >= o["speedup"] and not (o["psnr_db"] > c["psnr_db"] and o["lpips"] < c["lpips"]):
+                losses.append(f"{o['method']} {o['speedup']:.2f}x {o['psnr_db']:.1f} dB vs {c['method']} "
+                              f"{c['speedup']:.2f}x {c['psnr_db']:.1f} dB")
+        iso = next((r for r in at if r["kind"] == "iso" and o["method"] in r["iso_of"]), None)
+        if iso is not None and not (o["psnr_db"] > iso["psnr_db"] and o["lpips"] < iso["lpips"]):
+            iso_losses.append(f"{o['method']} vs {iso['method']}")
+    holds = bool(ours) and not losses and not iso_losses
+    text = (f"**{where}: {'holds' if holds else 'does not hold'}** — {len(ours)} of our settings in the "
+            f"{SPEEDUP_RANGE[0]:g}x-{SPEEDUP_RANGE[1]:g}x band"
+            + (f"; beaten or tied by a cache at equal or greater speedup: {'; '.join(losses)}" if losses else "")
+            + (f"; not better than plain steps at the same calls: {'; '.join(iso_losses)}" if iso_losses else "")
+            + ".")
+    if not ours:
+        text = f"**{where}: not evaluated** — none of our settings landed in the speedup band."
+    return {"holds": holds if ours else None, "losses": losses, "iso_losses": iso_losses, "text": text}
+
+
 def _pareto_plot(out: Path, rows: Sequence[dict]) -> Path:
+    """PSNR vs speedup, one curve per method: a row of panels per model, a column per step count."""
     from stepsaver.measure.report import pyplot, save_plot
 
     plt = pyplot()
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
     steps = sorted({r["steps"] for r in rows})
-    fig, axes = plt.subplots(1, len(steps), figsize=(5.6 * len(steps), 4.4), dpi=120, squeeze=False)
-    for ax, n in zip(axes[0], steps, strict=True):
-        for kind in ("plain", "ours", *DIFFUSERS_CACHES):
-            pts = sorted((r["speedup"], r["psnr_db"]) for r in rows if r["steps"] == n and r["kind"] == kind
-                         and r["psnr_db"] is not None)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o" if kind == "ours" else ".", ms=5,
-                        lw=2.0 if kind == "ours" else 1.0, label=NAMES[kind])
-        ax.axvspan(*SPEEDUP_RANGE, color="grey", alpha=0.08)
-        ax.set(xlabel="speedup vs full steps (median latency ratio)", ylabel="PSNR vs the full-step image (dB)")
-        ax.set_title(f"{n} steps", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(models), len(steps), figsize=(5.6 * len(steps), 4.4 * len(models)), dpi=120,
+                             squeeze=False)
+    for axrow, model in zip(axes, models, strict=True):
+        for ax, n in zip(axrow, steps, strict=True):
+            for kind in ("plain", "ours", *RIVALS):
+                pts = sorted((r["speedup"], r["psnr_db"]) for r in rows if r["steps"] == n and r["kind"] == kind
+                             and r.get("model", "") == model and r["psnr_db"] is not None)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o" if kind == "ours" else ".", ms=5,
+                            lw=2.0 if kind == "ours" else 1.0, label=NAMES[kind])
+            ax.axvspan(*SPEEDUP_RANGE, color="grey", alpha=0.08)
+            ax.set(xlabel="speedup vs full steps (median latency ratio)", ylabel="PSNR vs the full-step image (dB)")
+            ax.set_title(f"{model} — {n} steps" if model else f"{n} steps", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     return save_plot(fig, out / "caches.png")
 
 
 def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "docs/results", pipe: Any = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, unet_pipe: Any = None) -> dict[str, Any]:
     """Run the comparison, write caches.{json,md,png} under ``out_dir``, return rows and verdicts.
 
-    ``pipe`` replaces loading ``cfg.model`` (tests pass a tiny random Flux pipeline).
+    ``pipe`` / ``unet_pipe`` replace loading ``cfg.model`` / ``cfg.unet_model`` (tests pass tiny
+    random pipelines).
     """
     import torch
 
-    from stepsaver.bench.skip import _lpips, _psnr, peak_memory_bytes
-    from stepsaver.measure.cost import count_macs
-    from stepsaver.measure.report import write_report
-    from stepsaver.scenes import SceneGenerator
+    from stepsaver.files import exclusive_folder
 
     cfg = cfg or CachesBenchConfig()
     cfg.validate()
@@ -284,29 +395,8 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     try:
-        if pipe is None:
-            from stepsaver.pipelines import load_pipeline
-
-            pipe = load_pipeline(cfg.model, scheduler=None, device=cfg.device)
-        refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
-        gen = SceneGenerator(seed=cfg.prompt_seed, split="eval")
-        scenes = [gen.sample(i) for i in range(cfg.n)]
-        prompts = [s.caption for s in scenes]
-        seeds = [cfg.seed + i for i in range(cfg.n)]
-        calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
-        calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
-        mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance,
-                                     **cfg.call_kwargs())
-               for s in cfg.steps} if cfg.magcache_thresholds else {}
-        scorer = None
-        if cfg.adherence:
-            from stepsaver.measure.adherence import AdherenceScorer
-
-            scorer = AdherenceScorer.load()
-        rows: list[dict] = []
-        for steps in cfg.steps:
-            rows += _block(pipe, cfg, steps, prompts, seeds, scenes, mag, scorer, progress,
-                           (_psnr, _lpips, peak_memory_bytes, count_macs))
+        with exclusive_folder(cfg.work, "bench caches") if cfg.work else contextlib.nullcontext():
+            rows, mag = _run(cfg, pipe, unet_pipe, progress)
     finally:
         torch.set_num_threads(threads)
     verdicts = cache_verdicts(rows)
@@ -314,57 +404,124 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
     out.mkdir(parents=True, exist_ok=True)
     plot = _pareto_plot(out, rows)
     elapsed = time.perf_counter() - t0
+    from stepsaver.measure.report import write_report
+    from stepsaver.shrink.optimize import machine_info
+
+    unet = (f" The UNet half ({cfg.unet_model}, its own scheduler) renders the first {cfg.unet_n or cfg.n} of the "
+            "same prompts with the same noise and runs the methods a UNet takes: plain steps, ours, DeepCache "
+            "and PAB.") if cfg.unet_model else ""
     summary = "\n".join([
         f"{cfg.n} held-out scene prompts (eval split), batch 1, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, guidance "
         f"{cfg.guidance:g} (true CFG); quality against the full-step images of the same scheduler. MagCache ratios "
-        f"from its calibrate mode on {cfg.calib_n} training-split prompts. Run took {elapsed / 60:.1f} min.", "",
+        f"from its calibrate mode on {cfg.calib_n} training-split prompts.{unet} Run took {elapsed / 60:.1f} min "
+        "(renders already on disk under the work folder are reused, so a resumed run's time is its remainder).", "",
         "## Targets", "", *(v["text"] for v in verdicts.values()), "",
         "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
         "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
-        "skips whole calls."])
+        "skips whole calls. DeepCache also calls the UNet every step and reuses its deep features."])
     table = [{k: v for k, v in r.items() if k not in ("per_image",)} for r in rows]
     paths = write_report("caches", finite(table), title=f"Caches: Skip beside diffusers' caches on {cfg.model}",
                          summary=summary, extra=finite({"config": asdict(cfg) | {"extra_call_kwargs": None},
                                                         "targets": verdicts, "magcache_ratios": mag,
-                                                        "seconds": elapsed}),
+                                                        "machine": machine_info(), "seconds": elapsed}),
                          plots=[plot], out_dir=out, columns=COLUMNS)
     return {"rows": table, "targets": verdicts, "seconds": elapsed, "json": str(paths["json"]),
             "md": str(paths["md"]), "plots": [str(plot)]}
 
 
-def _block(pipe: Any, cfg: CachesBenchConfig, steps: int, prompts: list[str], seeds: list[int], scenes: list,
-           mag: dict[int, list[float]], scorer: Any, progress: bool, tools: tuple) -> list[dict]:
-    """Every method at one step count: renders, iso-cost rows, MACs, memory, timing and quality."""
+def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> tuple[list[dict], dict]:
+    """Both halves' rows (the Flux model, then the UNet one) and MagCache's ratios."""
+    from stepsaver.bench.skip import _lpips, _psnr, peak_memory_bytes
+    from stepsaver.measure.cost import count_macs
+    from stepsaver.pipelines import load_pipeline
+    from stepsaver.scenes import SceneGenerator
+
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, scheduler=None, device=cfg.device)
+    refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
+    if cfg.unet_model and unet_pipe is None:
+        unet_pipe = load_pipeline(cfg.unet_model, scheduler=None, device=cfg.device)
+    if unet_pipe is not None and not isinstance(getattr(unet_pipe, "unet", None), __import__("torch").nn.Module):
+        raise StepsaverError(f"--unet-model {cfg.unet_model!r} has no UNet ({type(unet_pipe).__name__}); the UNet "
+                             "half runs DeepCache and PAB, which need one (use the embedded 'tiny', or --no-unet)")
+    gen = SceneGenerator(seed=cfg.prompt_seed, split="eval")
+    scenes = [gen.sample(i) for i in range(max(cfg.n, cfg.unet_n or 0))]
+    prompts = [s.caption for s in scenes]
+    seeds = [cfg.seed + i for i in range(len(scenes))]
+    calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
+    calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
+    mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance,
+                                 **cfg.call_kwargs())
+           for s in cfg.steps} if cfg.magcache_thresholds else {}
+    scorer = None
+    if cfg.adherence:
+        from stepsaver.measure.adherence import AdherenceScorer
+
+        scorer = AdherenceScorer.load()
+    tools = (_psnr, _lpips, peak_memory_bytes, count_macs)
+    work = Path(cfg.work) if cfg.work else None
+    halves = [(cfg.model, pipe, cfg.n, tuple(DIFFUSERS_CACHES), mag)]
+    if unet_pipe is not None:
+        halves.append((cfg.unet_model or "unet", unet_pipe, cfg.unet_n or cfg.n, cache_kinds_for(unet_pipe)
+                       + ("deepcache",), {}))
+    rows: list[dict] = []
+    for label, p, n, kinds, ratios in halves:
+        renders = _Renders(work, p, label, cfg)
+        for steps in cfg.steps:
+            rows += _block(p, label, cfg, steps, kinds, prompts[:n], seeds[:n], scenes[:n], ratios, scorer,
+                           progress, tools, renders)
+    return rows, mag
+
+
+def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Sequence[str], prompts: list[str],
+           seeds: list[int], scenes: list, mag: dict[int, list[float]], scorer: Any, progress: bool, tools: tuple,
+           renders: _Renders) -> list[dict]:
+    """Every method at one step count on one model: renders, iso-cost rows, MACs, memory, timing, quality."""
+    from rich.progress import Progress
+
     psnr, lpips, peak_memory_bytes, count_macs = tools
-    methods = cfg.methods(steps)
+    methods = cfg.methods(steps, kinds)
     images: dict[CacheMethod, np.ndarray] = {}
     calls: dict[CacheMethod, list[int]] = {}
+    time_n = min(cfg.time_n, len(prompts))
 
-    def render_all(method: CacheMethod) -> None:
-        out = [_render(pipe, method, p, s, cfg, mag) for p, s in zip(prompts, seeds, strict=True)]
+    def render_all(method: CacheMethod, bar: Any) -> None:
+        ratios = mag.get(method.steps)
+        task = bar.add_task(f"{label} {steps} steps: {method.label}", total=len(prompts)) if bar else None
+        out = []
+        for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+            got = renders.get(method, ratios, i, p)
+            if got is None:
+                image, n_calls, _ = _render(pipe, method, p, s, cfg, mag)
+                renders.put(method, ratios, i, p, image, n_calls)
+                got = (image, n_calls)
+            out.append(got)
+            if bar:
+                bar.advance(task)
         images[method] = np.stack([o[0] for o in out])
         calls[method] = [o[1] for o in out]
-        if progress:
-            print(f"{steps} steps: {method.label}: {np.mean(calls[method]):.1f} calls", flush=True)
 
-    for method in methods:
-        render_all(method)
-    full = methods[0]
-    per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
-    iso_of: dict[CacheMethod, list[str]] = {}
-    for method in [m for m in methods if m.kind == "ours"]:
-        n_iso = max(2, min(steps, round(np.mean(calls[method]) / per_step)))
-        iso = CacheMethod("iso", steps, (("steps", n_iso),))
-        if iso not in images:
-            render_all(iso)
-            methods.append(iso)
-        iso_of.setdefault(iso, []).append(method.label)
-    seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
-    for m in methods:  # one untimed call each (allocations, lazy imports)
-        _render(pipe, m, prompts[0], seeds[0], cfg, mag)
-    for i in range(cfg.time_n):
-        for m in methods:
-            seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
+    with Progress(transient=False, disable=not progress) as bar:
+        for method in methods:
+            render_all(method, bar)
+        full = methods[0]
+        per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
+        iso_of: dict[CacheMethod, list[str]] = {}
+        for method in [m for m in methods if m.kind == "ours"]:
+            n_iso = max(2, min(steps, round(np.mean(calls[method]) / per_step)))
+            iso = CacheMethod("iso", steps, (("steps", n_iso),))
+            if iso not in images:
+                render_all(iso, bar)
+                methods.append(iso)
+            iso_of.setdefault(iso, []).append(method.label)
+        seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
+        for m in methods:  # one untimed call each (allocations, lazy imports)
+            _render(pipe, m, prompts[0], seeds[0], cfg, mag)
+        task = bar.add_task(f"{label} {steps} steps: timing", total=time_n)
+        for i in range(time_n):
+            for m in methods:
+                seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
+            bar.advance(task)
     median = {m: statistics.median(v) for m, v in seconds.items()}
     ref = images[full]
     fid_ref = None
@@ -380,7 +537,7 @@ def _block(pipe: Any, cfg: CachesBenchConfig, steps: int, prompts: list[str], se
         same = m is full
         q_psnr = psnr(images[m], ref)
         q_lpips = lpips(images[m], ref)
-        row = {"steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
+        row = {"model": label, "steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
                "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": macs / 1e9,
                "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
                "speedup": median[full] / median[m], "psnr_db": None if same else float(np.mean(q_psnr)),

@@ -33,10 +33,15 @@ def presence_by_size(predicted: Sequence[dict], scenes: Sequence[Any]) -> dict[s
 
 
 def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int] = (30, 50), seed: int = 0,
-                 scene_seed: int = 2, guidance: float = 5.0, batch: int = 32, n_grid: int = 12,
+                 scene_seed: int = 2, guidance: float | dict[str, float] = 5.0, batch: int = 32, n_grid: int = 12,
                  n_boot: int = 100, out_dir: str | Path = "docs/results", name: str = "models",
                  progress: bool = True) -> dict[str, Any]:
-    """Generate, score and report every pipeline of ``{label: folder}`` (first = baseline)."""
+    """Generate, score and report every pipeline of ``{label: folder}`` (first = baseline).
+
+    ``guidance`` is one scale for all, or ``{label: scale}`` (missing labels get 5.0): models of
+    different families (a UNet with batched CFG, a flow transformer with true CFG) have different
+    best scales, and comparing both at one model's best would handicap the other.
+    """
     from stepsaver.bench.heldout import heldout_set, render_set
     from stepsaver.measure.adherence import AdherenceScorer
     from stepsaver.measure.fid import features, fid_from_features
@@ -48,17 +53,24 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
         raise StepsaverError("bench models compares checkpoints: pass at least two --pipeline LABEL=FOLDER")
     if n < 2:
         raise StepsaverError(f"--n must be >= 2 (FID needs a set), got {n}")
+    scales = {label: float(guidance.get(label, 5.0) if isinstance(guidance, dict) else guidance)
+              for label in pipelines}
+    unknown = set(guidance) - set(pipelines) if isinstance(guidance, dict) else set()
+    if unknown:
+        raise StepsaverError(f"--guidance-for names {', '.join(sorted(unknown))}, which is not a --pipeline label "
+                             f"({', '.join(pipelines)})")
     scenes, prompts, real, real_f = heldout_set(n, scene_seed)
     scorer = AdherenceScorer.load()
     rows, feats, shown = [], {}, {}
     for label, folder in pipelines.items():
         pipe = load_pipeline(folder, scheduler=None, device="auto")
         for steps in grid:
-            images = render_set(pipe, prompts, steps, batch, seed, guidance)
+            images = render_set(pipe, prompts, steps, batch, seed, scales[label])
             feats[(label, steps)] = features(images)
             facts = scorer.score(images, scenes).summary()
             sizes = presence_by_size(scorer.predict(images), scenes)
-            rows.append({"model": label, "steps": steps, "fid": fid_from_features(real_f, feats[(label, steps)]),
+            rows.append({"model": label, "steps": steps, "guidance": scales[label],
+                         "fid": fid_from_features(real_f, feats[(label, steps)]),
                          "adherence": facts["adherence"], "background": facts["background"],
                          "presence": facts["presence"], "presence_large": sizes["large"],
                          "presence_small": sizes["small"], "position": facts["position"]})
@@ -88,7 +100,7 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
         ax[0].plot([r["steps"] for r in mine], [r["fid"] for r in mine], "o-", label=label)
         at_top = next(r for r in mine if r["steps"] == top)
         ax[1].bar(np.arange(len(keys)) + i * width, [at_top[k] for k in keys], width, label=label)
-    ax[0].set_xlabel("DDIM steps")
+    ax[0].set_xlabel("steps (each model's own scheduler)")
     ax[0].set_ylabel("FID vs real scenes")
     ax[1].set_xticks(np.arange(len(keys)) + width * (len(labels) - 1) / 2, keys, fontsize=7)
     ax[1].set_ylabel(f"share of facts shown @ {top} steps")
@@ -97,8 +109,10 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     plot = save_plot(fig, out / f"{name}.png")
-    summary = (f"{n} held-out prompts (eval split, seed {scene_seed}), noise seed {seed}, guidance {guidance}, "
-               f"DDIM. FID({labels[-1]}) - FID({labels[0]}) at {top} steps = {ci['fid_diff']:+.2f} "
+    shown_g = ", ".join(f"{k} {v:g}" for k, v in scales.items())
+    summary = (f"{n} held-out prompts (eval split, seed {scene_seed}), noise seed {seed}, guidance {shown_g}, "
+               f"each model's own scheduler. FID({labels[-1]}) - FID({labels[0]}) at {top} steps = "
+               f"{ci['fid_diff']:+.2f} "
                f"[{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}] (bootstrap 95%). presence_large/small: share of "
                "the caption's large/small objects the detector finds anywhere in the image."
                + "".join(f" FID({c['a']}) - FID({c['b']}) = {c['fid_diff']:+.2f} [{c['ci_low']:+.2f}, "
