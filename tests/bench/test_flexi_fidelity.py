@@ -1,7 +1,7 @@
 """bench flexi's fidelity view ("Predict's honest view"): the pure functions on images with known answers,
-and one toy-size run of the command that checks the second table, the JSON key and the plot."""
+(the toy-size run of the command that checks the second table, the JSON key and the plot is
+tests/predict/test_predict.py's bench flexi test, which shares its labelling with the FID report's checks)."""
 
-import json
 
 import numpy as np
 import pytest
@@ -121,38 +121,3 @@ def test_iso_cost_verdict_compares_with_uniform_interpolated_at_the_same_mean_st
     # beyond the uniform range the end of the curve is used, and the verdict says so
     out = iso_cost_verdict(sc, [30] * 20, uniform_steps=[10, 20], n_boot=200)
     assert out["clamped"] and out["uniform_between"] == [20, 20] and "clamped to 20" in verdict_line("x", out)
-
-
-def test_bench_flexi_cli_adds_the_fidelity_table_json_key_and_plot(tmp_path):
-    """Toy size (4 prompts, grid 10/30/50): the machinery, not the numbers. About a minute on a
-    busy 2-core CPU, mostly imports, the labelling renders and the timed generations."""
-    from typer.testing import CliRunner
-
-    from stepsaver.cli import app
-
-    res = tmp_path / "res"
-    r = CliRunner().invoke(app, ["bench", "flexi", "--n", "4", "--steps", "10:50:20", "--work", str(tmp_path / "lab"),
-                                 "--batch", "8", "--repeats", "1", "--n-boot", "2", "--out-dir", str(res)])
-    assert r.exit_code == 0, r.output
-    text = " ".join(r.output.split())  # rich wraps titles and cells to the terminal's width
-    for shown in ("Predict's honest view", "% visibly different)", "than uniform at the same cost"):
-        assert shown in text, r.output
-    report = json.loads((res / "flexi.json").read_text())
-    fid = report["fidelity"]
-    assert fid["reference_steps"] == 50 and (res / "flexi-fidelity.png").exists() and (res / "flexi.png").exists()
-    rows = {row["method"]: row for row in fid["rows"]}
-    assert {"fixed 10", "fixed 30", "fixed 50", fid["bound"]} <= set(rows)
-    for c in (0.7, 0.8, 0.9):  # the bench's --confidence (0.8) and the issue's two
-        assert f"flexi-recommended @ confidence {c}" in rows
-    assert rows["fixed 50"]["ssim_to_ref"] == 1.0 and rows["fixed 50"]["lpips_to_ref"] == 0.0
-    assert rows[fid["bound"]]["role"] == "labels = text-only bound"
-    # the SSIM the labeller stored for each render against the longest one, up to 8-bit rounding: the
-    # labeller scores the float renders, the view the uint8 ones kept on disk (about 0.002 lower here)
-    labels = [json.loads(line) for line in (tmp_path / "lab" / "labels.jsonl").read_text().splitlines()]
-    assert rows["fixed 10"]["ssim_to_ref"] == pytest.approx(np.mean([row["ssim_ref"][0] for row in labels]), abs=5e-3)
-    assert {v["method"] for v in fid["verdicts"]} >= {fid["bound"], "flexi-recommended @ confidence 0.7"}
-    assert all(v["verdict"] in ("better", "worse", "no difference") for v in fid["verdicts"])
-    md = (res / "flexi.md").read_text()
-    assert md.index("| method | mean_steps | denoiser_calls |") < md.index("## Predict's honest view") \
-        < md.index("| method | role |") < md.index("Machine: ")
-    assert "![flexi-fidelity](flexi-fidelity.png)" in md and "Target 1" in md  # the FID report is still there

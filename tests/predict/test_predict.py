@@ -295,21 +295,32 @@ def test_shipped_recommender_for_the_embedded_model():
 
 # ---- bench flexi (toy size: the machinery, not the numbers) ----------------------------------
 def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_path, capsys):
+    """One toy run through the CLI (4 prompts, grid 10/30/50) checks both reports, the FID one and
+    "Predict's honest view"; a second run through Python on the same work folder checks the resume."""
+    from typer.testing import CliRunner
+
     from stepsaver.bench.flexi import bench_flexi
+    from stepsaver.cli import app
     from stepsaver.predict.label import LabelConfig
 
-    cfg = LabelConfig(steps=(10, 30, 50))
-    kw = dict(work=tmp_path / "labels", config=cfg, batch=8, repeats=1, n_boot=2, out_dir=tmp_path / "res")
-    res = bench_flexi(4, **kw)
-    assert "labelled 4 new prompts" in capsys.readouterr().out
-    rows = {r["method"]: r for r in res["rows"]}
+    res_dir = tmp_path / "res"
+    r = CliRunner().invoke(app, ["bench", "flexi", "--n", "4", "--steps", "10:50:20",
+                                 "--work", str(tmp_path / "labels"), "--batch", "8", "--repeats", "1",
+                                 "--n-boot", "2", "--out-dir", str(res_dir)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # rich wraps titles and cells to the terminal's width
+    assert "labelled 4 new prompts" in text
+    for shown in ("Predict's honest view", "% visibly different)", "than uniform at the same cost"):
+        assert shown in text, r.output
+    report = json.loads((res_dir / "flexi.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
     for s in (10, 30, 50):
         assert any(m.startswith(f"fixed {s}") for m in rows)
     assert sum(m.endswith("= iso-cost") for m in rows) == 1
     assert any(m.startswith("flexi-calculated (first-decline") for m in rows)
     assert any(m.startswith("flexi-recommended @ confidence") for m in rows)
-    for r in rows.values():
-        assert 10 <= r["denoiser_calls"] <= 50 and r["mean_s"] > 0 and np.isfinite(r["fid"])
+    for row in rows.values():
+        assert 10 <= row["denoiser_calls"] <= 50 and row["mean_s"] > 0 and np.isfinite(row["fid"])
     # the recommender knows the 10..100 grid: its choices are snapped onto the rendered one
     rec = next(r for m, r in rows.items() if m.startswith("flexi-recommended ("))
     from stepsaver.predict.recommender import StepRecommender
@@ -319,19 +330,38 @@ def test_bench_flexi_compares_every_method_from_one_labelling_and_resumes(tmp_pa
     chosen = [r.steps for r in StepRecommender.load("tiny").recommend([gen.sample(i).caption for i in range(4)])]
     snapped = [min((10, 30, 50), key=lambda g: (abs(g - c), -g)) for c in chosen]
     assert rec["mean_steps"] == pytest.approx(np.mean(snapped))
-    report = json.loads(Path(res["json"]).read_text())
     assert set(report["targets"]) == {"no_worse_than_fixed50_and_faster", "beats_iso_cost"}
     assert set(report["seconds_per_step_count"]) == {"10", "30", "50"}
     # verdicts use the prompt-paired bootstrap; the independent-sets CI is kept next to it
     assert report["bootstrap_vs_iso"]["paired"] is True and "unpaired_ci_high" in report["bootstrap_vs_iso"]
     oracle = report["bootstrap_labels_vs_their_iso"]
     assert oracle["labels"].startswith("flexi-calculated (converged") and oracle["iso_cost_steps"] in (10, 30, 50)
-    assert Path(res["md"]).read_text().count("Target") >= 2
-    assert (tmp_path / "res" / "flexi.png").exists()
+    md = (res_dir / "flexi.md").read_text()
+    assert md.count("Target") >= 2 and (res_dir / "flexi.png").exists()
+    # Predict's honest view: fidelity to the longest render, the labels as the text-only bound
+    fid = report["fidelity"]
+    assert fid["reference_steps"] == 50 and (res_dir / "flexi-fidelity.png").exists()
+    view = {row["method"]: row for row in fid["rows"]}
+    assert {"fixed 10", "fixed 30", "fixed 50", fid["bound"]} <= set(view)
+    for c in (0.7, 0.8, 0.9):  # the bench's --confidence (0.8) and the issue's two
+        assert f"flexi-recommended @ confidence {c}" in view
+    assert view["fixed 50"]["ssim_to_ref"] == 1.0 and view["fixed 50"]["lpips_to_ref"] == 0.0
+    assert view[fid["bound"]]["role"] == "labels = text-only bound"
+    # the SSIM the labeller stored for each render against the longest one, up to 8-bit rounding: the
+    # labeller scores the float renders, the view the uint8 ones kept on disk (about 0.002 lower here)
+    labels = [json.loads(line) for line in (tmp_path / "labels" / "labels.jsonl").read_text().splitlines()]
+    assert view["fixed 10"]["ssim_to_ref"] == pytest.approx(np.mean([row["ssim_ref"][0] for row in labels]), abs=5e-3)
+    assert {v["method"] for v in fid["verdicts"]} >= {fid["bound"], "flexi-recommended @ confidence 0.7"}
+    assert all(v["verdict"] in ("better", "worse", "no difference") for v in fid["verdicts"])
+    assert md.index("| method | mean_steps | denoiser_calls |") < md.index("## Predict's honest view") \
+        < md.index("| method | role |") < md.index("Machine: ")
+    assert "![flexi-fidelity](flexi-fidelity.png)" in md
     # a second run reuses every label and render: nothing is labelled again, the same FIDs
-    again = bench_flexi(4, **kw)
+    capsys.readouterr()
+    again = bench_flexi(4, work=tmp_path / "labels", config=LabelConfig(steps=(10, 30, 50)), batch=8, repeats=1,
+                        n_boot=2, out_dir=tmp_path / "again")
     assert "labelled" not in capsys.readouterr().out
-    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in res["rows"]]
+    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in report["rows"]]
 
 
 def test_bench_flexi_refuses_a_set_of_one_and_a_grid_without_50(tmp_path):
