@@ -46,5 +46,8 @@ def test_bench_models_reports_each_checkpoint(tmp_path):
         bad = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}", "-p", f"b={EMBEDDED_DIR}",
                                   "--guidance-for", item, "--n", "2"])
         assert bad.exit_code == 2 and "--guidance-for" in bad.output, bad.output
+    bad = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}", "-p", f"b={EMBEDDED_DIR}",
+                              "--split", "test"])
+    assert bad.exit_code == 2 and "--split must be eval or train" in bad.output
     one = runner.invoke(app, ["bench", "models", "-p", f"a={EMBEDDED_DIR}"])
     assert one.exit_code == 2 and "at least two" in one.output

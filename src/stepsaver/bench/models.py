@@ -35,12 +35,13 @@ def presence_by_size(predicted: Sequence[dict], scenes: Sequence[Any]) -> dict[s
 def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int] = (30, 50), seed: int = 0,
                  scene_seed: int = 2, guidance: float | dict[str, float] = 5.0, batch: int = 32, n_grid: int = 12,
                  n_boot: int = 100, out_dir: str | Path = "docs/results", name: str = "models",
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, split: str = "eval") -> dict[str, Any]:
     """Generate, score and report every pipeline of ``{label: folder}`` (first = baseline).
 
     ``guidance`` is one scale for all, or ``{label: scale}`` (missing labels get 5.0): models of
     different families (a UNet with batched CFG, a flow transformer with true CFG) have different
-    best scales, and comparing both at one model's best would handicap the other.
+    best scales, and comparing both at one model's best would handicap the other. ``split="train"``
+    renders training-split captions instead of held-out ones: the set to choose such a scale on.
     """
     from stepsaver.bench.heldout import heldout_set, render_set
     from stepsaver.measure.adherence import AdherenceScorer
@@ -59,7 +60,9 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
     if unknown:
         raise StepsaverError(f"--guidance-for names {', '.join(sorted(unknown))}, which is not a --pipeline label "
                              f"({', '.join(pipelines)})")
-    scenes, prompts, real, real_f = heldout_set(n, scene_seed)
+    if split not in ("eval", "train"):
+        raise StepsaverError(f"--split must be eval or train, got {split!r}")
+    scenes, prompts, real, real_f = heldout_set(n, scene_seed, split)
     scorer = AdherenceScorer.load()
     rows, feats, shown = [], {}, {}
     for label, folder in pipelines.items():
@@ -110,7 +113,8 @@ def bench_models(pipelines: dict[str, str], *, n: int = 300, grid: Sequence[int]
         a.grid(alpha=0.3)
     plot = save_plot(fig, out / f"{name}.png")
     shown_g = ", ".join(f"{k} {v:g}" for k, v in scales.items())
-    summary = (f"{n} held-out prompts (eval split, seed {scene_seed}), noise seed {seed}, guidance {shown_g}, "
+    summary = (f"{n} {'held-out prompts (eval' if split == 'eval' else 'training prompts (train'} split, "
+               f"seed {scene_seed}), noise seed {seed}, guidance {shown_g}, "
                f"each model's own scheduler. FID({labels[-1]}) - FID({labels[0]}) at {top} steps = "
                f"{ci['fid_diff']:+.2f} "
                f"[{ci['ci_low']:+.2f}, {ci['ci_high']:+.2f}] (bootstrap 95%). presence_large/small: share of "
