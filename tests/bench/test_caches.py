@@ -58,8 +58,13 @@ def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
 def test_a_busy_work_folder_is_refused(tmp_path):
     from stepsaver.files import exclusive_folder
 
-    with exclusive_folder(tmp_path / "work"), pytest.raises(StepsaverError, match="in use by another bench caches"):
+    with exclusive_folder(tmp_path / "work" / "tiny-flux"), \
+            pytest.raises(StepsaverError, match="in use by another bench caches"):
         bench_caches(_toy(tmp_path), out_dir=tmp_path, pipe=helpers.build_flux(), progress=False)
+    with pytest.raises(StepsaverError, match="needs a model"):
+        bench_caches(_toy(tmp_path, model=None), pipe=None, progress=False)
+    with pytest.raises(StepsaverError, match="--render-only fills the render cache"):
+        bench_caches(_toy(tmp_path, render_only=True, work=None), progress=False)
 
 
 def _r(kind, speedup, psnr, lpips, method=None, iso_of=()):

@@ -119,7 +119,7 @@ class CacheMethod:
 class CachesBenchConfig:
     """What ``bench_caches`` runs; the CLI exposes each field as an option."""
 
-    model: str = "tiny-flux"
+    model: str | None = "tiny-flux"  # the Flux half (None: the UNet half only)
     unet_model: str | None = "tiny"  # the UNet half (None: Flux only)
     unet_n: int | None = None  # prompts of the UNet half (None: n)
     n: int = 200
@@ -144,6 +144,7 @@ class CachesBenchConfig:
     threads: int | None = None
     height: int | None = None  # None: the model's own size
     work: str | None = "runs/caches-bench"  # render cache (None: keep nothing)
+    render_only: bool = False  # fill the render cache and stop: no timing, scores or report
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def call_kwargs(self) -> dict[str, Any]:
@@ -151,6 +152,10 @@ class CachesBenchConfig:
         return {**self.extra_call_kwargs, **({"height": self.height, "width": self.height} if self.height else {})}
 
     def validate(self) -> None:
+        if self.model is None and self.unet_model is None:
+            raise StepsaverError("bench caches needs a model: --model (Flux half) or --unet-model (UNet half)")
+        if self.render_only and not self.work:
+            raise StepsaverError("--render-only fills the render cache: give --work")
         for name in ("n", "unet_n"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -386,8 +391,6 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
     """
     import torch
 
-    from stepsaver.files import exclusive_folder
-
     cfg = cfg or CachesBenchConfig()
     cfg.validate()
     threads = torch.get_num_threads()
@@ -395,10 +398,12 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     try:
-        with exclusive_folder(cfg.work, "bench caches") if cfg.work else contextlib.nullcontext():
-            rows, mag = _run(cfg, pipe, unet_pipe, progress)
+        rows, mag = _run(cfg, pipe, unet_pipe, progress)
     finally:
         torch.set_num_threads(threads)
+    if cfg.render_only:
+        return {"rows": [], "targets": {}, "seconds": time.perf_counter() - t0, "json": None, "md": None,
+                "plots": []}
     verdicts = cache_verdicts(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,17 +415,20 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
     unet = (f" The UNet half ({cfg.unet_model}, its own scheduler) renders the first {cfg.unet_n or cfg.n} of the "
             "same prompts with the same noise and runs the methods a UNet takes: plain steps, ours, DeepCache "
             "and PAB.") if cfg.unet_model else ""
+    flux = f"On {cfg.model}: " if cfg.model else "UNet half only: "
     summary = "\n".join([
-        f"{cfg.n} held-out scene prompts (eval split), batch 1, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, guidance "
-        f"{cfg.guidance:g} (true CFG); quality against the full-step images of the same scheduler. MagCache ratios "
-        f"from its calibrate mode on {cfg.calib_n} training-split prompts.{unet} Run took {elapsed / 60:.1f} min "
+        f"{flux}{cfg.n} held-out scene prompts (eval split), batch 1, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, "
+        f"guidance {cfg.guidance:g} (true CFG on Flux); quality against the full-step images of the same scheduler. "
+        f"MagCache ratios from its calibrate mode on {cfg.calib_n} training-split prompts.{unet} "
+        f"Run took {elapsed / 60:.1f} min "
         "(renders already on disk under the work folder are reused, so a resumed run's time is its remainder).", "",
         "## Targets", "", *(v["text"] for v in verdicts.values()), "",
         "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
         "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
         "skips whole calls. DeepCache also calls the UNet every step and reuses its deep features."])
     table = [{k: v for k, v in r.items() if k not in ("per_image",)} for r in rows]
-    paths = write_report("caches", finite(table), title=f"Caches: Skip beside diffusers' caches on {cfg.model}",
+    title = "Caches: Skip beside diffusers' caches on " + " and ".join(m for m in (cfg.model, cfg.unet_model) if m)
+    paths = write_report("caches", finite(table), title=title,
                          summary=summary, extra=finite({"config": asdict(cfg) | {"extra_call_kwargs": None},
                                                         "targets": verdicts, "magcache_ratios": mag,
                                                         "machine": machine_info(), "seconds": elapsed}),
@@ -432,18 +440,21 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
 def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> tuple[list[dict], dict]:
     """Both halves' rows (the Flux model, then the UNet one) and MagCache's ratios."""
     from stepsaver.bench.skip import _lpips, _psnr, peak_memory_bytes
+    from stepsaver.files import exclusive_folder
     from stepsaver.measure.cost import count_macs
     from stepsaver.pipelines import load_pipeline
     from stepsaver.scenes import SceneGenerator
 
-    if pipe is None:
+    if pipe is None and cfg.model:
         pipe = load_pipeline(cfg.model, scheduler=None, device=cfg.device)
-    refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
+    if pipe is not None:
+        refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
     if cfg.unet_model and unet_pipe is None:
         unet_pipe = load_pipeline(cfg.unet_model, scheduler=None, device=cfg.device)
     if unet_pipe is not None and not isinstance(getattr(unet_pipe, "unet", None), __import__("torch").nn.Module):
         raise StepsaverError(f"--unet-model {cfg.unet_model!r} has no UNet ({type(unet_pipe).__name__}); the UNet "
-                             "half runs DeepCache and PAB, which need one (use the embedded 'tiny', or --no-unet)")
+                             "half runs DeepCache and PAB, which need one (use the embedded 'tiny', or "
+                             "--unet-model none)")
     gen = SceneGenerator(seed=cfg.prompt_seed, split="eval")
     scenes = [gen.sample(i) for i in range(max(cfg.n, cfg.unet_n or 0))]
     prompts = [s.caption for s in scenes]
@@ -452,24 +463,27 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
     calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
     mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance,
                                  **cfg.call_kwargs())
-           for s in cfg.steps} if cfg.magcache_thresholds else {}
+           for s in cfg.steps} if cfg.magcache_thresholds and pipe is not None else {}
     scorer = None
-    if cfg.adherence:
+    if cfg.adherence and not cfg.render_only:
         from stepsaver.measure.adherence import AdherenceScorer
 
         scorer = AdherenceScorer.load()
     tools = (_psnr, _lpips, peak_memory_bytes, count_macs)
     work = Path(cfg.work) if cfg.work else None
-    halves = [(cfg.model, pipe, cfg.n, tuple(DIFFUSERS_CACHES), mag)]
+    halves = [(cfg.model or "flux", pipe, cfg.n, tuple(DIFFUSERS_CACHES), mag)] if pipe is not None else []
     if unet_pipe is not None:
         halves.append((cfg.unet_model or "unet", unet_pipe, cfg.unet_n or cfg.n, cache_kinds_for(unet_pipe)
                        + ("deepcache",), {}))
     rows: list[dict] = []
     for label, p, n, kinds, ratios in halves:
-        renders = _Renders(work, p, label, cfg)
-        for steps in cfg.steps:
-            rows += _block(p, label, cfg, steps, kinds, prompts[:n], seeds[:n], scenes[:n], ratios, scorer,
-                           progress, tools, renders)
+        # One lock per model's renders, so the two halves can fill their caches in two processes
+        # (a core each) while a second run on the same model is refused.
+        with exclusive_folder(work / label, "bench caches") if work else contextlib.nullcontext():
+            renders = _Renders(work, p, label, cfg)
+            for steps in cfg.steps:
+                rows += _block(p, label, cfg, steps, kinds, prompts[:n], seeds[:n], scenes[:n], ratios, scorer,
+                               progress, tools, renders)
     return rows, mag
 
 
@@ -514,6 +528,8 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
                 render_all(iso, bar)
                 methods.append(iso)
             iso_of.setdefault(iso, []).append(method.label)
+        if cfg.render_only:
+            return []
         seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
         for m in methods:  # one untimed call each (allocations, lazy imports)
             _render(pipe, m, prompts[0], seeds[0], cfg, mag)
