@@ -31,6 +31,9 @@ EMBEDDED_MODELS: dict[str, Path] = {
 _TRAIN_COMMANDS = {"tiny": "stepsaver train-model", "tiny-flux": "stepsaver train-flux"}
 # Pipeline classes of our own that a model_index.json may name (diffusers does not know them).
 OWN_PIPELINES = {"MiniLMFluxPipeline": "stepsaver.flux"}
+OPTIMIZED_MARKER = "optimize.json"
+"""The file ``stepsaver optimize`` writes in its folder (``save_optimized``): such a folder holds no
+pipeline, only measurements and a reference to its base model; ``load_pipeline`` names the loader."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,9 @@ def load_pipeline(
     (``DiffusionPipeline`` otherwise); any other string is treated as a hub id and goes through
     the same loader, which honours ``HF_HUB_OFFLINE``. ``scheduler=None`` (the default) keeps the
     model's own (DDIM for ``"tiny"``, flow-matching Euler for ``"tiny-flux"``); a registry name
-    replaces it, built from the model's scheduler config.
+    replaces it, built from the model's scheduler config. A folder written by ``stepsaver optimize``
+    (``optimize.json``, no pipeline) is refused with the name of its loader,
+    ``stepsaver.shrink.optimize.load_optimized``: the core imports no verb.
     """
     from diffusers import DiffusionPipeline
 
@@ -254,6 +259,13 @@ def load_pipeline(
     try:
         if path.exists():
             index_file = path / "model_index.json"
+            if path.is_dir() and not index_file.is_file() and (path / OPTIMIZED_MARKER).is_file():
+                # the core imports no verb (README, Layout): the optimised folder's loader lives in
+                # stepsaver.shrink and re-enters load_pipeline for the base, so name it, do not call it
+                raise StepsaverError(
+                    f"{path} is an optimised model folder (written by `stepsaver optimize`), not a diffusers "
+                    f"pipeline; load it with stepsaver.shrink.optimize.load_optimized({str(path)!r}), which loads "
+                    "its base model and re-applies the kept levers")
             if not path.is_dir() or not index_file.is_file():
                 raise StepsaverError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -141,7 +142,10 @@ def bench_models_cmd(
     pipeline: list[str] = typer.Option(..., "--pipeline", "-p",
                                        help="LABEL=FOLDER, repeated; the first is the baseline."),
     n: int = typer.Option(300, "--n", help="Held-out prompts to evaluate."),
-    grid: str = typer.Option("30,50", "--steps", help="DDIM step counts to evaluate."),
+    grid: str = typer.Option("30,50", "--steps", help="Step counts to evaluate (each model's own scheduler)."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g", help="CFG scale of every model."),
+    guidance_for: list[str] = typer.Option([], "--guidance-for", help="LABEL=SCALE, repeated: one model's own."),
+    split: str = typer.Option("eval", "--split", help="eval (held out) or train (to choose a setting on)."),
     name: str = typer.Option("models", "--name", help="Report name under --out-dir."),
     n_boot: int = typer.Option(100, "--n-boot", help="Bootstrap replicates of the FID difference."),
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
@@ -151,8 +155,19 @@ def bench_models_cmd(
     from stepsaver.bench.models import bench_models, parse_pipelines
     from stepsaver.predict.label import parse_grid
 
-    result = bench_models(parse_pipelines(pipeline), n=n, grid=parse_grid(grid, at_least=1), name=name,
-                          n_boot=n_boot, out_dir=out_dir, progress=not as_json)
+    pipes = parse_pipelines(pipeline)
+    scales: dict[str, float] = dict.fromkeys(pipes, guidance)
+    for item in guidance_for:
+        label, sep, value = item.partition("=")
+        try:
+            scales[label] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not math.isfinite(scales.get(label, 0.0)) or scales.get(label, 0.0) < 0:
+            raise StepsaverError(f"--guidance-for {item!r}: write LABEL=SCALE with a finite scale >= 0, "
+                                 "e.g. --guidance-for flux=4")
+    result = bench_models(pipes, n=n, grid=parse_grid(grid, at_least=1), guidance=scales, name=name,
+                          n_boot=n_boot, out_dir=out_dir, progress=not as_json, split=split)
     emit_rows(result["rows"], [Col("model", "model"), Col("steps", "steps"), Col("FID", "fid", F2),
                                Col("adherence", "adherence", F3), Col("background", "background", F3),
                                Col("large found", "presence_large", F3), Col("small found", "presence_small", F3),
@@ -301,7 +316,10 @@ def bench_skip_cmd(
 @app.command("caches")
 @command
 def bench_caches_cmd(
-    model: str = typer.Option("tiny-flux", "--model", "-m", help="A Flux-layout model (diffusers' caches need it)."),
+    model: str = typer.Option("tiny-flux", "--model", "-m",
+                              help="A Flux-layout model (diffusers' caches need it); 'none': the UNet half only."),
+    unet_model: str = typer.Option("tiny", "--unet-model", help="The UNet half's model ('none': Flux only)."),
+    unet_n: int | None = typer.Option(None, "--unet-n", help="Prompts of the UNet half (default: --n)."),
     n: int = typer.Option(200, "--n", help="Held-out scene prompts."),
     calib_n: int = typer.Option(16, "--calib-n", help="Training-split prompts for MagCache's calibration."),
     time_n: int = typer.Option(20, "--time-n", help="Prompts timed, every method in turn on each."),
@@ -312,6 +330,9 @@ def bench_caches_cmd(
     adherence: bool = typer.Option(True, "--adherence/--no-adherence"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for caches.json, .md and .png."),
+    work: Path = typer.Option(Path("runs/caches-bench"), "--work", help="Render cache (a killed run resumes)."),
+    render_only: bool = typer.Option(False, "--render-only",
+                                     help="Fill the render cache and stop (run each half in its own process)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Skip beside FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache and plain fewer steps (issue 19)."""
@@ -321,12 +342,19 @@ def bench_caches_cmd(
         step_counts = tuple(int(v) for v in _names(steps))
     except ValueError:
         raise StepsaverError(f"--steps must be comma-separated integers, got {steps!r}") from None
-    cfg = CachesBenchConfig(model=model, n=n, calib_n=calib_n, time_n=min(time_n, n), steps=step_counts,
-                            guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads)
+    none = lambda name: None if name.lower() == "none" else name  # noqa: E731
+    cfg = CachesBenchConfig(model=none(model), n=n, calib_n=calib_n, time_n=min(time_n, n), steps=step_counts,
+                            guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads,
+                            unet_model=none(unet_model), unet_n=unet_n, work=str(work), render_only=render_only)
     result = bench_caches(cfg, out_dir=out, progress=not as_json)
+    if render_only:
+        emit({"seconds": result["seconds"], "work": str(work)}, as_json,
+             f"bench caches: renders are in {work} ({result['seconds'] / 60:.1f} min); run again without "
+             "--render-only for the report")
+        return
     g3 = lambda key: lambda r: r[key] if not isinstance(r[key], float) else f"{r[key]:.3g}"  # noqa: E731
-    emit_rows(result["rows"], [Col(c, g3(c)) for c in ("steps", "method", "denoiser_calls", "speedup", "psnr_db",
-                                                      "lpips", "fid", "adherence")],
+    emit_rows(result["rows"], [Col(c, g3(c)) for c in ("model", "steps", "method", "denoiser_calls", "speedup",
+                                                      "psnr_db", "lpips", "fid", "adherence")],
               as_json, f"bench caches ({result['seconds'] / 60:.1f} min)",
               payload={k: result[k] for k in ("targets", "seconds", "json", "md", "plots")},
               notes=[*(v["text"].replace("**", "") for v in result["targets"].values()), f"report: {result['md']}"])
@@ -402,3 +430,56 @@ def bench_calibrate_cmd(
                      Col("vs best knob", "vs_best_single_knob", F2), Col("CPU min", "cpu_minutes", F2)],
               as_json, "calibrate", payload={"verdicts": result["verdicts"], "md": result["md"]},
               notes=result["verdicts"])
+
+
+@app.command("optimize")
+@command
+def bench_optimize_cmd(
+    model: list[str] = typer.Option(["tiny", "tiny-flux"], "--model", "-m",
+                                    help="Models to benchmark (repeat): an embedded name or a pipeline folder."),
+    levers: str = typer.Option("all", "--levers", "-l",
+                               help="Comma list of levers (default all): channels_last, int8, int8_selective, bf16, "
+                                    "compile, onnxruntime, openvino, optimum_intel. compile (Inductor) takes "
+                                    "minutes per shape on 2 cores."),
+    n: int = typer.Option(4, "--n", help="Calibration prompts of the quality check (training-scene captions)."),
+    quality_steps: int = typer.Option(20, "--quality-steps", help="Steps of the quality check."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed denoiser calls per side (median)."),
+    batch: str = typer.Option("1,8", "--batch", help="Batch sizes of the per-iteration timing, comma-separated."),
+    steps: int = typer.Option(50, "--steps", help="Steps of the end-to-end image (the targets are at 50)."),
+    e2e_n: int = typer.Option(2, "--e2e-n", help="Prompts rendered end to end."),
+    e2e_repeats: int = typer.Option(3, "--e2e-repeats", help="Timed renders of each prompt per variant."),
+    seed: int = typer.Option(0, "--seed", help="Prompt i is rendered with seed + i."),
+    guidance: float = typer.Option(5.0, "--guidance", "-g"),
+    price: float = typer.Option(0.10, "--price", help="Dollars per machine hour (default: a 2-vCPU cloud instance)."),
+    power: float = typer.Option(65.0, "--power", help="Watts the machine draws while generating."),
+    intensity: float = typer.Option(400.0, "--intensity", help="Grid carbon intensity, gCO2 per kWh."),
+    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for optimize.json, .md and .png."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Issue 21's optimize targets: each lever alone and combined, per iteration (batch 1 and 8) and end to end
+    at 50 steps with and without Skip, with cost and CO2 per 10k images."""
+    from stepsaver.bench.optimize import OptimizeBenchConfig, bench_optimize
+
+    try:
+        sizes = tuple(int(v) for v in _names(batch))
+    except ValueError:
+        raise StepsaverError(f"--batch must be comma-separated integers, got {batch!r}; e.g. --batch 1,8") from None
+    cfg = OptimizeBenchConfig(models=tuple(model), levers=levers, n=n, quality_steps=quality_steps, repeats=repeats,
+                              batch_sizes=sizes, steps=steps, e2e_n=e2e_n, e2e_repeats=e2e_repeats, seed=seed,
+                              guidance=guidance, price_per_hour=price, power_watts=power,
+                              grid_g_co2_per_kwh=intensity)
+    cfg.validate()  # every input is checked before a model loads
+    result = bench_optimize(cfg, out_dir=out, progress=not as_json)
+    speed = [Col(f"b{b} speedup", f"b{b}_speedup", "{:.2f}x") for b in sizes]
+    ends = [f"{r['model']}: {r['variant']}: "
+            + (f"{r['median_s']:.3f} s/image, {r['speedup']:.2f}x, ${r['usd_per_10k']:.3f} and "
+               f"{r['g_co2_per_10k']:.0f} gCO2 per 10k images" if r.get("speedup") is not None
+               else f"failed ({r.get('error')})") for r in result["end_to_end"]]
+    verdicts = [t[k]["text"].replace("**", "") for t in result["targets"].values()
+                for k in ("per_iteration", "end_to_end")]
+    emit_rows(result["rows"], [Col("model", "model"), Col("lever", "lever"), Col("status", "status"),
+                               Col("chosen", lambda r: "yes" if r["chosen"] else ""), *speed,
+                               Col("PSNR min", "psnr_min", "{:.1f}"), Col("LPIPS max", "lpips_max", "{:.4f}")],
+              as_json, f"bench optimize ({result['seconds'] / 60:.1f} min)",
+              payload={k: result[k] for k in ("rows", "end_to_end", "targets", "seconds", "json", "md", "plot")},
+              notes=[*ends, *verdicts, f"report: {result['md']}"])
