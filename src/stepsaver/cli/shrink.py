@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from stepsaver.cli.render import JsonOpt, command, emit
+from stepsaver.cli.search import search_cmd
 from stepsaver.errors import StepsaverError
 
 app = typer.Typer(no_args_is_help=True, help="Shrink (DeciDiffusion): train the embedded models.")
@@ -137,3 +138,5 @@ def train_flux_cmd(
     summary.pop("history", None)
     emit(summary, as_json, "trained (tiny-flux)")
 
+
+app.command("search")(search_cmd)
