@@ -28,7 +28,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=20 -n auto
 
 lint:
 	$(PY) -m ruff check src tests
