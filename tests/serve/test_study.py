@@ -158,7 +158,10 @@ def test_real_browser_votes_on_every_pair_and_sees_the_results(study, tmp_path):
             answers = ["left", "right", "same", "left"]
             for i, answer in enumerate(answers):
                 assert page.locator("#progress").inner_text().endswith(f"pair {i + 1} of 4")
-                assert page.eval_on_selector("#left", "img => img.naturalWidth") == 64  # the image loaded
+                # the image loads (after the page: under load it may still be on its way), 64 px wide
+                page.wait_for_function("() => { const i = document.querySelector('#left'); "
+                                       "return i.complete && i.naturalWidth > 0; }", timeout=60_000)
+                assert page.eval_on_selector("#left", "img => img.naturalWidth") == 64
                 if i == 0 and os.environ.get("STEPSAVER_SCREENSHOT_DIR"):
                     page.screenshot(path=os.path.join(os.environ["STEPSAVER_SCREENSHOT_DIR"], "study-pair.png"))
                 page.check(f"#adherence-{answer}")
