@@ -43,16 +43,22 @@ def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
     payload = json.loads((tmp_path / "caches.json").read_text())
     assert len(payload["magcache_ratios"]["6"]) == 6 and {"steps_6", "sd15_steps_6"} <= set(payload["targets"])
     assert (tmp_path / "caches.png").stat().st_size > 0 and "## Targets" in (tmp_path / "caches.md").read_text()
-    # A second run on the same work folder renders no image again (only timing, MACs and memory
-    # call the pipeline), and gets the same quality numbers.
+    # A second run on the same work folder renders no image again and scores no row again (only
+    # timing and memory call the pipeline), and gets the same quality numbers.
     renders = []
     real = caches._render
     monkeypatch.setattr(caches, "_render", lambda *a, **k: renders.append(a[1]) or real(*a, **k))
     again = bench_caches(_toy(tmp_path, unet_model=None), out_dir=tmp_path / "again", pipe=helpers.build_flux(),
                          progress=False)
     n_methods = len(flux)
-    assert len(renders) == 4 * n_methods  # warm-up, one timed (time_n 1), MACs, memory; no image renders
+    assert len(renders) == 3 * n_methods  # warm-up, one timed (time_n 1), memory; no renders, no MACs
     assert [r["psnr_db"] for r in again["rows"]] == [r["psnr_db"] for r in flux]
+    assert [r["gmacs_per_image"] for r in again["rows"]] == [r["gmacs_per_image"] for r in flux]
+    # Another scoring setting is scored again (MACs averaged over two prompts: two more renders a row).
+    renders.clear()
+    bench_caches(_toy(tmp_path, unet_model=None, macs_n=2), out_dir=tmp_path / "macs", pipe=helpers.build_flux(),
+                 progress=False)
+    assert len(renders) == 5 * n_methods
 
 
 def test_a_busy_work_folder_is_refused(tmp_path):

@@ -42,7 +42,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,6 +304,38 @@ class _Renders:
         except (OSError, ValueError, KeyError):  # missing, torn or foreign: render again
             return None
 
+    def folder(self, method: CacheMethod, mag: Sequence[float] | None) -> str | None:
+        """The name of the method's render folder (``None`` without a work folder)."""
+        return None if self.root is None else self._file(method, mag, 0).parent.name
+
+    def scores(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A row's quality scores (PSNR, LPIPS, FID, adherence, MACs), computed once per ``key``.
+
+        Why: scoring every row (Inception features for FID, the adherence detector) takes as long as
+        a block of renders, and a resumed or extended run (another step count, a new sweep point)
+        would redo it for rows whose images have not changed. ``key`` names both render folders
+        (the row's and its full-step reference, which hash everything that decides the images)
+        and the scoring settings, so a changed image or setting is scored again. Timing is never
+        cached: speedups are ratios of medians measured in the same run. The file sits in the
+        model's locked folder and is replaced atomically.
+        """
+        if self.root is None:
+            return compute()
+        from stepsaver.files import write_atomically
+
+        path = self.root / self.base["model"] / "scores.json"
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if key in known:
+            return known[key]
+        value = compute()
+        known[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1, sort_keys=True)))
+        return value
+
     def put(self, method: CacheMethod, mag: Sequence[float] | None, i: int, prompt: str, image: np.ndarray,
             calls: int) -> None:
         if self.root is None:
@@ -540,28 +572,34 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
             bar.advance(task)
     median = {m: statistics.median(v) for m, v in seconds.items()}
     ref = images[full]
-    fid_ref = None
-    if cfg.fid:
-        from stepsaver.measure.fid import features, fid_from_features
+    from stepsaver.measure.fid import features, fid_from_features
 
-        fid_ref = features(ref)
+    fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
+    def score(m: CacheMethod) -> dict[str, Any]:
+        same = m is full
+        macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
+                                   for i in range(cfg.macs_n)]) / cfg.macs_n
+        out = {"gmacs_per_image": macs / 1e9, "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
+               "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
+        if cfg.fid:
+            if not same and "ref" not in fid_ref:
+                fid_ref["ref"] = features(ref)
+            out["fid"] = 0.0 if same else fid_from_features(fid_ref["ref"], features(images[m]))
+        if scorer is not None:
+            out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
+        return out
+
     rows = []
     for m in methods:
-        macs = count_macs(lambda m=m: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
-                                       for i in range(cfg.macs_n)]) / cfg.macs_n
+        ratios = mag.get(m.steps)
+        key = json.dumps({"images": renders.folder(m, ratios), "reference": renders.folder(full, ratios),
+                          "n": len(prompts), "fid": cfg.fid, "adherence": scorer is not None,
+                          "macs_n": cfg.macs_n}, sort_keys=True)
+        scores = renders.scores(key, lambda m=m: score(m))
         peak = peak_memory_bytes(lambda m=m: _render(pipe, m, prompts[0], seeds[0], cfg, mag))
-        same = m is full
-        q_psnr = psnr(images[m], ref)
-        q_lpips = lpips(images[m], ref)
-        row = {"model": label, "steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
-               "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": macs / 1e9,
-               "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
-               "speedup": median[full] / median[m], "psnr_db": None if same else float(np.mean(q_psnr)),
-               "lpips": float(np.mean(q_lpips)), "fid": None, "adherence": None,
-               "iso_of": iso_of.get(m, [])}
-        if cfg.fid:
-            row["fid"] = 0.0 if same else fid_from_features(fid_ref, features(images[m]))
-        if scorer is not None:
-            row["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
-        rows.append(row)
+        rows.append({"model": label, "steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
+                     "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": scores["gmacs_per_image"],
+                     "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
+                     "speedup": median[full] / median[m], "psnr_db": scores["psnr_db"], "lpips": scores["lpips"],
+                     "fid": scores["fid"], "adherence": scores["adherence"], "iso_of": iso_of.get(m, [])})
     return rows
