@@ -17,7 +17,7 @@ from typing import Any
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["CACHE_KINDS", "CacheSpec", "cache_kinds_for", "supports_caches"]
+__all__ = ["CACHE_KINDS", "CacheSpec", "cache_kinds_for", "deepcache_applied", "supports_caches", "unet_of"]
 
 CACHE_KINDS = {"fbc": "FirstBlockCache", "magcache": "MagCache", "taylorseer": "TaylorSeer",
                "pab": "PAB", "fastercache": "FasterCache"}
@@ -32,7 +32,8 @@ def supports_caches(pipe: Any) -> bool:
     return isinstance(getattr(pipe, "transformer", None), CacheMixin)
 
 
-def _unet(pipe: Any) -> Any:
+def unet_of(pipe: Any) -> Any:
+    """The pipeline's UNet module, or ``None`` (a transformer pipeline, or a UNet slot holding something else)."""
     import torch
 
     unet = getattr(pipe, "unet", None)
@@ -45,7 +46,7 @@ def cache_kinds_for(pipe: Any) -> tuple[str, ...]:
     attention modules directly (``apply_pyramid_attention_broadcast``) without ``enable_cache``."""
     if supports_caches(pipe):
         return tuple(CACHE_KINDS)
-    return ("pab",) if _unet(pipe) is not None else ()
+    return ("pab",) if unet_of(pipe) is not None else ()
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class CacheSpec:
     @contextlib.contextmanager
     def applied(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
         """Attach the cache for the block and take it off again, whatever happens inside."""
-        if self.kind == "pab" and not supports_caches(pipe) and _unet(pipe) is not None:
+        if self.kind == "pab" and not supports_caches(pipe) and unet_of(pipe) is not None:
             with _unet_pab(pipe, dict(self.knobs)["skip"]):
                 yield
             return
@@ -133,7 +134,7 @@ def _unet_pab(pipe: Any, skip: int) -> Iterator[None]:
     from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
-    unet = _unet(pipe)
+    unet = unet_of(pipe)
     now: dict[str, Any] = {"t": 1000}
 
     def record(_module: Any, args: tuple, kwargs: dict) -> None:
@@ -150,3 +151,26 @@ def _unet_pab(pipe: Any, skip: int) -> Iterator[None]:
     finally:
         handle.remove()
         HookRegistry.check_if_exists_or_initialize(unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)
+
+
+@contextlib.contextmanager
+def deepcache_applied(pipe: Any, interval: int) -> Iterator[None]:
+    """PyPI ``DeepCache`` (``DeepCacheSDHelper``) on a UNet pipeline for the block, taken off after.
+
+    DeepCache is the UNet-era rival both ``bench skip`` and ``bench caches`` measure; it is not a
+    diffusers hook, so it lives here beside :func:`_unet_pab` rather than in :class:`CacheSpec`.
+    Branch 0 (the shallowest skip branch) with the given cache interval, as in its README.
+    """
+    if unet_of(pipe) is None:
+        raise StepsaverError(f"DeepCache needs a UNet pipeline; {type(pipe).__name__} has none")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise StepsaverError(f"a DeepCache cache interval is an integer >= 1, got {interval!r}")
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()

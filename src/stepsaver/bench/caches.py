@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from stepsaver.caches import CACHE_KINDS, CacheSpec, cache_kinds_for
+from stepsaver.caches import CACHE_KINDS, CacheSpec, cache_kinds_for, deepcache_applied, unet_of
 from stepsaver.errors import StepsaverError
 from stepsaver.jsonsafe import finite
 
@@ -99,15 +99,8 @@ class CacheMethod:
             finally:
                 disable_adaptive_skip(pipe)
         elif self.kind == "deepcache":
-            from DeepCache import DeepCacheSDHelper
-
-            helper = DeepCacheSDHelper(pipe=pipe)
-            helper.set_params(cache_interval=dict(self.knobs)["interval"], cache_branch_id=0)
-            helper.enable()
-            try:
+            with deepcache_applied(pipe, dict(self.knobs)["interval"]):
                 yield
-            finally:
-                helper.disable()
         elif self.kind in DIFFUSERS_CACHES:
             with CacheSpec(self.kind, self.knobs).applied(pipe, self.steps, mag_ratios):
                 yield
@@ -250,20 +243,6 @@ def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesB
     return image, r.denoiser_calls, r.seconds
 
 
-def _vae_fingerprint(pipe: Any) -> str:
-    """A short hash of the VAE's weights (names and the first values of each tensor): the images
-    depend on the decoder, which the denoiser's fingerprint does not cover."""
-    import torch
-
-    digest = hashlib.sha1()
-    vae = getattr(pipe, "vae", None)
-    if isinstance(vae, torch.nn.Module):
-        for name, param in vae.state_dict().items():
-            digest.update(name.encode())
-            digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 class _Renders:
     """One model's renders on disk: ``root/<model>-<kind>-<steps>-<key digest>/<index>.npz``.
 
@@ -277,9 +256,10 @@ class _Renders:
         self.root = root
         self.base: dict[str, Any] = {}
         if root is not None:
-            from stepsaver.calibrate import pipeline_fingerprint
+            from stepsaver.calibrate.config import pipeline_fingerprint, quick_weights_digest
 
-            weights = pipeline_fingerprint(pipe) + "-" + _vae_fingerprint(pipe)
+            # The VAE decides the images too, and the denoiser's fingerprint does not cover it.
+            weights = pipeline_fingerprint(pipe) + "-" + quick_weights_digest(getattr(pipe, "vae", None))[:12]
             self.base = {"model": label, "weights": weights, "guidance": cfg.guidance,
                          "seed": cfg.seed, "prompt_seed": cfg.prompt_seed,
                          "call": repr(sorted(cfg.call_kwargs().items()))}
@@ -483,7 +463,7 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
         refuse_unsupported(pipe, [m.kind for m in cfg.methods(cfg.steps[0])])
     if cfg.unet_model and unet_pipe is None:
         unet_pipe = load_pipeline(cfg.unet_model, scheduler=None, device=cfg.device)
-    if unet_pipe is not None and not isinstance(getattr(unet_pipe, "unet", None), __import__("torch").nn.Module):
+    if unet_pipe is not None and unet_of(unet_pipe) is None:
         raise StepsaverError(f"--unet-model {cfg.unet_model!r} has no UNet ({type(unet_pipe).__name__}); the UNet "
                              "half runs DeepCache and PAB, which need one (use the embedded 'tiny', or "
                              "--unet-model none)")

@@ -107,15 +107,10 @@ class Method:
             finally:
                 disable_adaptive_skip(pipe)
         elif self.kind == "deepcache":
-            from DeepCache import DeepCacheSDHelper
+            from stepsaver.caches import deepcache_applied
 
-            helper = DeepCacheSDHelper(pipe=pipe)
-            helper.set_params(cache_interval=self.interval, cache_branch_id=0)
-            helper.enable()
-            try:
+            with deepcache_applied(pipe, self.interval):
                 yield
-            finally:
-                helper.disable()
         else:
             yield
 
@@ -395,17 +390,11 @@ class _DiskCache:
     """
 
     def __init__(self, root: Path, cfg: SkipBenchConfig, pipe: Any) -> None:
-        import hashlib
-
+        from stepsaver.calibrate.config import quick_weights_digest
         from stepsaver.calls import denoiser_of
 
-        digest = hashlib.sha1()
-        for module in (denoiser_of(pipe), getattr(pipe, "vae", None)):
-            if isinstance(module, torch.nn.Module):
-                for name, param in module.state_dict().items():
-                    digest.update(name.encode())
-                    digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
-        self.root, self.weights = root, digest.hexdigest()[:16]
+        self.root = root
+        self.weights = quick_weights_digest(denoiser_of(pipe), getattr(pipe, "vae", None))[:16]
         self.settings = {"guidance": cfg.guidance, "seed": cfg.seed, "prompt_seed": cfg.prompt_seed}
 
     def folder(self, scheduler: str, method: Method) -> Path:

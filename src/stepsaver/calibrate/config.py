@@ -20,7 +20,8 @@ from stepsaver.calibrate.space import OWN, Candidate, skip_config
 from stepsaver.errors import StepsaverError
 from stepsaver.files import read_json, write_atomically
 
-__all__ = ["FORMAT", "CalibratedConfig", "is_calibrated_config", "load_calibrated", "pipeline_fingerprint"]
+__all__ = ["FORMAT", "CalibratedConfig", "is_calibrated_config", "load_calibrated", "pipeline_fingerprint",
+           "quick_weights_digest"]
 
 FORMAT = "stepsaver-calibration/1"
 _SAMPLE = 1 << 22  # at most this many values per model enter the fingerprint (4 M: instant even for SDXL)
@@ -52,6 +53,25 @@ def pipeline_fingerprint(pipe: Any) -> str:
         values = tensor.detach().flatten()[::stride]
         digest.update(values.to("cpu", torch.float16).numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+def quick_weights_digest(*modules: Any) -> str:
+    """A SHA-1 (hex) of the modules' parameter names and the first 16 values of each tensor.
+
+    Why beside :func:`pipeline_fingerprint`: render caches on disk (``bench skip``, ``bench
+    caches``) need a key for the parts the denoiser's fingerprint leaves out (the VAE decoder)
+    and must stay readable by the runs that wrote them; this cheaper digest is the one their
+    folder names were made with. Modules that are not ``torch.nn.Module`` (``None``) are skipped.
+    """
+    import torch
+
+    digest = hashlib.sha1()
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            for name, param in module.state_dict().items():
+                digest.update(name.encode())
+                digest.update(param.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
