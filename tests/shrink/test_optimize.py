@@ -276,6 +276,30 @@ def test_optimised_pipeline_works_with_the_skip_hook(saved):
     assert np.isfinite(result.image).all()
 
 
+def test_generate_and_serve_open_an_optimised_folder_like_any_model(saved, tmp_path):
+    from stepsaver.cli import app
+    from stepsaver.serve import ServeSettings, create_app
+
+    folder = saved[1]
+    out = tmp_path / "opt.png"
+    res = CliRunner().invoke(app, ["generate", PROMPTS[0], "--model", str(folder), "--steps", str(STEPS),
+                                   "--skip", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size > 0 and json.loads(res.stdout)["model"] == str(folder)
+    res = CliRunner().invoke(app, ["generate", PROMPTS[0], "--model", str(folder), "--device", "cuda",
+                                   "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and "drop --device cuda" in res.output and "Traceback" not in res.output
+    with pytest.raises(StepsaverError, match="drop the dtype"):
+        opt.load_model(folder, dtype="bfloat16")
+    # serve's default loader goes through the same door
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(ServeSettings(model=str(folder), workers=1, token="optimised-folder-token"))) as client:
+        r = client.post("/v1/generate", json={"prompt": PROMPTS[0], "steps": STEPS},
+                        headers={"Authorization": "Bearer optimised-folder-token"})
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("torch", "1.13.0", "torch 1.13.0"),
     ("cpu", "Some Other CPU", "CPU 'Some Other CPU'"),

@@ -75,9 +75,10 @@ def calibrate(
     from stepsaver.calibrate import calibrate as run_calibrate
     from stepsaver.calibrate.space import OWN
     from stepsaver.files import check_output_file
-    from stepsaver.pipelines import load_pipeline, scheduler_spec, weights_fingerprint
+    from stepsaver.pipelines import scheduler_spec, weights_fingerprint
     from stepsaver.predict.label import parse_grid
     from stepsaver.predict.prompts import read_prompts
+    from stepsaver.shrink.optimize import load_model
 
     tol = parse_tolerance(tolerance)  # every input is checked before the model loads
     ref_steps, ref_scheduler = parse_reference(reference)
@@ -103,7 +104,7 @@ def calibrate(
         rec = "tiny" if model == "tiny" and space.confidences else None
     elif recommender.lower() != "none" and space.confidences:
         rec = recommender
-    pipe = load_pipeline(model, scheduler=None, device=device)
+    pipe = load_model(model, scheduler=None, device=device)
     work = work or Path("runs/calibrate") / (weights_fingerprint(model) or "model")
     result = run_calibrate(pipe, text, tol, model=model, reference_steps=ref_steps, reference_scheduler=ref_scheduler,
                            space=space, recommender=rec, guidance=guidance, heldout=heldout, seed=seed,

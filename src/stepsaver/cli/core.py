@@ -50,8 +50,9 @@ def generate(
     model, steps, skip = model or "tiny", steps or "30", bool(skip)
     from stepsaver.generation import generate as run_generate
     from stepsaver.generation import validate_request, validate_seed
-    from stepsaver.pipelines import load_pipeline, scheduler_spec
+    from stepsaver.pipelines import scheduler_spec
     from stepsaver.predict import resolve_steps
+    from stepsaver.shrink.optimize import load_model
 
     validate_request(prompt, 1, guidance, guidance_rescale)  # fail fast, before loading weights or the recommender
     validate_seed(seed)
@@ -61,7 +62,7 @@ def generate(
         scheduler_spec(scheduler)
     check_output_file(out, ".png")  # before generating: an unwritable path must not cost a generation
     skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips) if skip else None  # validates first
-    pipe = load_pipeline(model, scheduler=scheduler, device=device)
+    pipe = load_model(model, scheduler=scheduler, device=device)
     if skip_config is not None:
         from stepsaver.skip import enable_adaptive_skip
 
@@ -80,7 +81,7 @@ def _generate_calibrated(prompt: str, config: Path, model: str | None, steps: st
     from stepsaver.calibrate import load_calibrated
     from stepsaver.generation import generate as run_generate
     from stepsaver.generation import validate_request, validate_seed
-    from stepsaver.pipelines import load_pipeline
+    from stepsaver.shrink.optimize import load_model
 
     clash = [flag for flag, value in (("--steps", steps), ("--scheduler", scheduler), ("--skip", skip))
              if value is not None]
@@ -91,7 +92,7 @@ def _generate_calibrated(prompt: str, config: Path, model: str | None, steps: st
     validate_request(prompt, 1, calibrated.guidance)
     validate_seed(seed)
     check_output_file(out, ".png")
-    pipe = calibrated.apply(load_pipeline(model or calibrated.model, scheduler=None, device=device))
+    pipe = calibrated.apply(load_model(model or calibrated.model, scheduler=None, device=device))
     result = run_generate(pipe, prompt, steps=calibrated.steps(), seed=seed, guidance=calibrated.guidance)
     write_atomically(out, lambda tmp: result.image.save(tmp, format="PNG"))
     emit({**result.summary(), "setting": calibrated.candidate.label, "model": model or calibrated.model,
@@ -144,13 +145,13 @@ def samples(
 ) -> None:
     """Grid of held-out scene prompts: the real scene beside the model's image."""
     from stepsaver.generation import validate_request
-    from stepsaver.pipelines import load_pipeline
     from stepsaver.shrink.grid import render_eval_grid
+    from stepsaver.shrink.optimize import load_model
 
     validate_request("scenes", steps, guidance)
     if n <= 0:
         raise StepsaverError(f"--n must be positive, got {n}")
-    pipe = load_pipeline(model, scheduler=scheduler)
+    pipe = load_model(model, scheduler=scheduler)
     path = render_eval_grid(pipe, out, n=n, steps=steps, guidance=guidance, seed=seed,
                             guidance_rescale=guidance_rescale)
     emit({"grid": str(path), "model": model, "steps": steps, "scheduler": scheduler, "n": n}, as_json, "samples")

@@ -5,7 +5,8 @@ Serve with ``--replicas``). Routes: ``POST /v1/recommend`` (open unless configur
 /v1/generate`` (bearer token), ``GET /healthz``, ``GET /metrics`` (Prometheus), OpenAPI at
 ``/docs``. The service adds no second implementation of anything: steps come from
 :class:`~stepsaver.predict.StepRecommender`, skipping from :mod:`stepsaver.skip`, images from a
-diffusers pipeline loaded by :func:`stepsaver.load_pipeline`.
+diffusers pipeline loaded by :func:`stepsaver.load_pipeline` (or an optimised folder, through
+:func:`stepsaver.shrink.optimize.load_model`).
 
 Every request passes :class:`ObserveMiddleware`, plain ASGI (not ``@app.middleware``, which
 hides the client's disconnect from the routes): it counts each request by route and status, and
@@ -173,11 +174,11 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
 
     if engine is None:
         def default_factory():
-            from stepsaver.pipelines import load_pipeline
+            from stepsaver.shrink.optimize import load_model
 
             if calibrated is None:
-                return load_pipeline(settings.model)
-            pipe = load_pipeline(settings.model, scheduler=None)
+                return load_model(settings.model)
+            pipe = load_model(settings.model, scheduler=None)
             calibrated.check(pipe)  # refuses another model's calibration before serving anything
             calibrated.attach_cache(pipe)  # diffusers' caches stay on; Skip is set per batch
             return pipe

@@ -22,10 +22,10 @@ class RayBatchEngine:
     """Engine interface (start/stop/submit/depth/busy) over ``@serve.batch``."""
 
     def __init__(self, settings: ServeSettings, pipe_factory: Any = None) -> None:
-        from stepsaver.pipelines import load_pipeline
+        from stepsaver.shrink.optimize import load_model
 
         self.settings = settings
-        self.pipe_factory = pipe_factory or (lambda: load_pipeline(settings.model))
+        self.pipe_factory = pipe_factory or (lambda: load_model(settings.model))
         self.runner = GenerationEngine(self.pipe_factory)
         self.pipe = None
         self.inflight = 0

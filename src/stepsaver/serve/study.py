@@ -82,11 +82,11 @@ def parse_config(spec: str) -> dict[str, Any]:
 def _render(cfg: dict[str, Any], prompts_seeds: Sequence[tuple[str, int]], folder: Path, tag: str,
             progress: bool) -> list[tuple[str, dict]]:
     from stepsaver.generation import generate
-    from stepsaver.pipelines import load_pipeline
     from stepsaver.predict import step_chooser
+    from stepsaver.shrink.optimize import load_model
     from stepsaver.skip import AdaptiveSkipConfig, enable_adaptive_skip
 
-    pipe = load_pipeline(cfg["model"], scheduler=cfg["scheduler"])
+    pipe = load_model(cfg["model"], scheduler=cfg["scheduler"])
     if cfg["skip"]:
         config = AdaptiveSkipConfig() if cfg["skip"] is True else AdaptiveSkipConfig(threshold=float(cfg["skip"]))
         enable_adaptive_skip(pipe, config)

@@ -83,7 +83,7 @@ from torch import nn
 from stepsaver.errors import StepsaverError
 
 __all__ = ["FORMAT", "LEVERS", "CastModule", "ExportedModule", "Lever", "OptimizeResult", "PairedTimer", "Timer",
-           "apply_levers", "check_machine", "default_prompts", "load_optimized", "machine_info",
+           "apply_levers", "check_machine", "default_prompts", "load_model", "load_optimized", "machine_info",
            "optimize_pipeline", "parse_levers", "read_optimized", "save_optimized", "summary_rows"]
 
 FORMAT = "stepsaver-optimized/1"
@@ -1128,6 +1128,30 @@ def load_optimized(folder: str | os.PathLike, scheduler: str | None = None) -> A
     pipe.stepsaver_optimized = {"folder": str(path), "levers": list(data["chosen"]),
                                 "speedup": data.get("chosen_speedup")}
     return pipe
+
+
+def load_model(name_or_path: str | os.PathLike, scheduler: str | None = None, device: str | None = "auto",
+               dtype: str | None = "auto") -> Any:
+    """:func:`stepsaver.load_pipeline`, plus the folders ``stepsaver optimize`` writes.
+
+    Why here and not in ``load_pipeline``: the core imports no verb, and an optimised folder's
+    loader re-applies Shrink's levers. This is the door ``generate``, ``samples``, ``calibrate``
+    and ``serve`` open a ``--model`` with, so an optimised folder is served the same way a
+    diffusers folder is. Its levers were chosen and timed on this CPU in float32, so another
+    device or dtype is refused with the reason rather than silently ignored.
+    """
+    from stepsaver.pipelines import OPTIMIZED_MARKER, load_pipeline
+
+    path = Path(str(name_or_path))
+    if path.is_dir() and (path / OPTIMIZED_MARKER).is_file() and not (path / "model_index.json").is_file():
+        if device not in (None, "auto", "cpu"):
+            raise StepsaverError(f"{path} is an optimised folder: its levers were chosen on this CPU and run there; "
+                                 f"drop --device {device} (or pass the base model to run it on {device})")
+        if dtype not in (None, "auto", "float32", torch.float32):
+            raise StepsaverError(f"{path} is an optimised folder: it runs in float32 with its own levers (bf16 or "
+                                 f"int8 among them when they were kept); drop the dtype {dtype}")
+        return load_optimized(path, scheduler=scheduler)
+    return load_pipeline(name_or_path, scheduler=scheduler, device=device, dtype=dtype)
 
 
 def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
