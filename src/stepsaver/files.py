@@ -53,8 +53,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[Path]:
-    """Hold an exclusive lock on ``folder`` for the block; a second holder gets a one-line error.
+def exclusive_folder(folder: str | os.PathLike, what: str = "run", wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the block; a second holder gets a one-line error
+    (or, with ``wait``, blocks until the first lets go).
 
     ``flock`` on ``folder/.lock``: the kernel drops it when the holder exits or is killed, so a
     crashed run never leaves a stale lock. The file names the holder (pid, host, start time)
@@ -68,7 +69,7 @@ def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[P
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = lock.read_text(encoding="utf-8", errors="replace").strip() or "another process"
             raise StepsaverError(f"{folder} is in use by another {what} ({holder}); wait for it to finish or "

@@ -73,6 +73,49 @@ def test_a_busy_work_folder_is_refused(tmp_path):
         bench_caches(_toy(tmp_path, render_only=True, work=None), progress=False)
 
 
+def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratios(tmp_path, monkeypatch):
+    import threading
+
+    import stepsaver.bench.caches as caches
+    from stepsaver.bench.caches import CacheMethod, _Renders
+    from stepsaver.files import exclusive_folder
+
+    cfg = _toy(tmp_path, render_only=True, ours_thresholds=(), fbc_thresholds=(), taylorseer=(), pab_skips=(),
+               fastercache_skips=())
+    pipe = helpers.build_flux()
+    calibrations = []
+    real = caches.calibrate_magcache
+    monkeypatch.setattr(caches, "calibrate_magcache", lambda *a, **k: calibrations.append(1) or real(*a, **k))
+    renders = _Renders(tmp_path / "work", pipe, "tiny-flux", cfg)
+    full = CacheMethod("full", 6)
+    with renders.lock(full, None, wait=False) as mine:
+        with renders.lock(full, None, wait=False) as theirs:
+            assert mine and not theirs  # a held render folder is not taken twice
+    # Another renderer holds the full-step folder: this run renders the rest first, then waits.
+    order = []
+    real_render = caches._render
+    monkeypatch.setattr(caches, "_render", lambda p, m, *a, **k: order.append(m.kind) or real_render(p, m, *a, **k))
+    held, release = threading.Event(), threading.Event()
+
+    def other_renderer():
+        with exclusive_folder(tmp_path / "work" / renders.folder(full, None)):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_renderer)
+    thread.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    bench_caches(cfg, out_dir=tmp_path, pipe=pipe, progress=False)
+    thread.join()
+    assert order[0] != "full" and order[-2:] == ["full", "full"]  # two prompts, rendered after the others
+    # MagCache was calibrated once; a second run reads its ratios back and renders nothing.
+    order.clear()
+    bench_caches(cfg, out_dir=tmp_path, pipe=pipe, progress=False)
+    assert len(calibrations) == 1 and order == []
+    assert len(json.loads((tmp_path / "work" / "tiny-flux" / "magcache.json").read_text())) == 1
+
+
 def _r(kind, speedup, psnr, lpips, method=None, iso_of=()):
     return {"steps": 28, "kind": kind, "method": method or kind, "speedup": speedup, "psnr_db": psnr,
             "lpips": lpips, "iso_of": list(iso_of)}

@@ -232,6 +232,42 @@ def calibrate_magcache(pipe: Any, prompts: Sequence[str], steps: int, seeds: Seq
     return [float(v) for v in ratios]
 
 
+def _magcache_ratios(work: Path | None, label: str, pipe: Any, prompts: Sequence[str], steps: int,
+                     cfg: CachesBenchConfig) -> list[float]:
+    """MagCache's calibrated ratios at ``steps``, kept in ``work/<label>/magcache.json``.
+
+    Why kept: the ratios enter the MagCache rows' render keys, and recomputing them in another
+    process (another thread count sums in another order) can move the last digit and orphan
+    every MagCache render; it also saves the calibration minute of every resumed run. Keyed by
+    the denoiser's fingerprint and everything the calibration depends on.
+    """
+    def compute() -> list[float]:
+        return calibrate_magcache(pipe, prompts, steps, list(range(len(prompts))), cfg.guidance, **cfg.call_kwargs())
+
+    if work is None:
+        return compute()
+    from stepsaver.calibrate.config import pipeline_fingerprint
+    from stepsaver.files import write_atomically
+
+    key = json.dumps({"weights": pipeline_fingerprint(pipe), "steps": steps, "prompts": list(prompts),
+                      "guidance": cfg.guidance, "call": repr(sorted(cfg.call_kwargs().items()))}, sort_keys=True)
+    path = work / label / "magcache.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        ratios = compute()
+        try:  # another process may have written meanwhile: keep its entries, and its ratios if it has these
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known.setdefault(key, ratios)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1, sort_keys=True)))
+    return [float(v) for v in known[key]]
+
+
 def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesBenchConfig,
             mag: dict[int, list[float]]) -> tuple[np.ndarray, int, float]:
     from stepsaver.generation import generate_images
@@ -315,6 +351,24 @@ class _Renders:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1, sort_keys=True)))
         return value
+
+    @contextlib.contextmanager
+    def lock(self, method: CacheMethod, mag: Sequence[float] | None, wait: bool) -> Iterator[bool]:
+        """Hold the method's render folder for the block (``True``), or yield ``False`` at once when
+        another process holds it and ``wait`` is off. No work folder: nothing to share, ``True``."""
+        if self.root is None:
+            yield True
+            return
+        from stepsaver.files import exclusive_folder
+
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive_folder(self._file(method, mag, 0).parent, "bench caches renderer",
+                                                     wait=wait))
+                held = True
+            except StepsaverError:
+                held = False
+            yield held
 
     def put(self, method: CacheMethod, mag: Sequence[float] | None, i: int, prompt: str, image: np.ndarray,
             calls: int) -> None:
@@ -473,8 +527,8 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
     seeds = [cfg.seed + i for i in range(len(scenes))]
     calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
     calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
-    mag = {s: calibrate_magcache(pipe, calib_prompts, s, list(range(cfg.calib_n)), cfg.guidance,
-                                 **cfg.call_kwargs())
+    work = Path(cfg.work) if cfg.work else None
+    mag = {s: _magcache_ratios(work, cfg.model or "flux", pipe, calib_prompts, s, cfg)
            for s in cfg.steps} if cfg.magcache_thresholds and pipe is not None else {}
     scorer = None
     if cfg.adherence and not cfg.render_only:
@@ -482,16 +536,17 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
 
         scorer = AdherenceScorer.load()
     tools = (_psnr, _lpips, peak_memory_bytes, count_macs)
-    work = Path(cfg.work) if cfg.work else None
     halves = [(cfg.model or "flux", pipe, cfg.n, tuple(DIFFUSERS_CACHES), mag)] if pipe is not None else []
     if unet_pipe is not None:
         halves.append((cfg.unet_model or "unet", unet_pipe, cfg.unet_n or cfg.n, cache_kinds_for(unet_pipe)
                        + ("deepcache",), {}))
     rows: list[dict] = []
     for label, p, n, kinds, ratios in halves:
-        # One lock per model's renders, so the two halves can fill their caches in two processes
-        # (a core each) while a second run on the same model is refused.
-        with exclusive_folder(work / label, "bench caches") if work else contextlib.nullcontext():
+        # A report run holds its model's lock (a second report on the same model is refused);
+        # --render-only runs do not, and share a model through a lock per render folder, so two
+        # processes (a core each) can fill one model's cache together.
+        hold = work is not None and not cfg.render_only
+        with exclusive_folder(work / label, "bench caches") if hold else contextlib.nullcontext():
             renders = _Renders(work, p, label, cfg)
             for steps in cfg.steps:
                 rows += _block(p, label, cfg, steps, kinds, prompts[:n], seeds[:n], scenes[:n], ratios, scorer,
@@ -511,7 +566,16 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
     calls: dict[CacheMethod, list[int]] = {}
     time_n = min(cfg.time_n, len(prompts))
 
-    def render_all(method: CacheMethod, bar: Any) -> None:
+    def render_all(method: CacheMethod, bar: Any, wait: bool = True) -> bool:
+        """Fill ``images``/``calls`` for the method, rendering what the cache lacks; ``False`` when
+        another process holds the method's folder and ``wait`` is off."""
+        with renders.lock(method, mag.get(method.steps), wait) as held:
+            if not held:
+                return False
+            fill(method, bar)
+        return True
+
+    def fill(method: CacheMethod, bar: Any) -> None:
         ratios = mag.get(method.steps)
         task = bar.add_task(f"{label} {steps} steps: {method.label}", total=len(prompts)) if bar else None
         out = []
@@ -528,7 +592,9 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
         calls[method] = [o[1] for o in out]
 
     with Progress(transient=False, disable=not progress) as bar:
-        for method in methods:
+        # Render-only runs first take what no other process is rendering, then wait for the rest.
+        busy = [m for m in methods if not render_all(m, bar, wait=not cfg.render_only)]
+        for method in busy:
             render_all(method, bar)
         full = methods[0]
         per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
