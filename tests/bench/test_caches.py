@@ -15,8 +15,9 @@ def _toy(tmp_path, **kw):
     return CachesBenchConfig(**{**dict(n=2, calib_n=1, time_n=1, steps=(6,), ours_thresholds=(0.05, 0.5),
                                        fbc_thresholds=(0.2,), magcache_thresholds=(0.1,), taylorseer=((2, 1),),
                                        pab_skips=(2,), fastercache_skips=(2,), deepcache_intervals=(3,),
-                                       plain_fractions=(0.5,), fid=False, adherence=False, height=32,
-                                       extra_call_kwargs={"max_sequence_length": 16}, threads=1, unet_model=None,
+                                       fixed_intervals=(2,), plain_fractions=(0.5,), fid=False, adherence=False,
+                                       height=32, extra_call_kwargs={"max_sequence_length": 16}, threads=1,
+                                       unet_model=None,
                                        work=str(tmp_path / "work")), **kw})
 
 
@@ -28,18 +29,20 @@ def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
     result = bench_caches(cfg, out_dir=tmp_path, pipe=helpers.build_flux(), unet_pipe=unet, progress=False)
     flux = [r for r in result["rows"] if r["model"] == "tiny-flux"]
     kinds = [r["kind"] for r in flux]
-    assert set(kinds) == {"full", "plain", "ours", "fbc", "magcache", "taylorseer", "pab", "fastercache", "iso"}
+    assert set(kinds) == {"full", "plain", "ours", "fixed", "fbc", "magcache", "taylorseer", "pab", "fastercache",
+                          "iso"}
     by = {r["method"]: r for r in flux}
     full = by["full"]
     assert full["denoiser_calls"] == 12 and full["speedup"] == 1.0  # true CFG: two transformer calls a step
     assert by["ours (threshold=0.5)"]["denoiser_calls"] < 12  # ours skips whole calls
     assert by["FirstBlockCache (threshold=0.2)"]["denoiser_calls"] == 12  # a block cache calls every step
+    assert by["fixed interval (interval=2)"]["denoiser_calls"] == 10  # warm-up 4 steps, then steps 5 of 6: 2 x 5
     assert all(r["gmacs_per_image"] > 0 and r["median_latency_ms"] > 0 for r in result["rows"])
     assert any("ours (threshold=0.5)" in r["iso_of"] for r in flux if r["kind"] == "iso")
     # The UNet half: only what runs on a UNet, with its own verdicts.
-    assert {r["kind"] for r in result["rows"] if r["model"] == "sd15"} <= {"full", "plain", "ours", "iso", "pab",
-                                                                          "deepcache"}
-    assert {"pab", "deepcache"} <= {r["kind"] for r in result["rows"] if r["model"] == "sd15"}
+    assert {r["kind"] for r in result["rows"] if r["model"] == "sd15"} <= {"full", "plain", "ours", "fixed", "iso",
+                                                                          "pab", "deepcache"}
+    assert {"pab", "deepcache", "fixed"} <= {r["kind"] for r in result["rows"] if r["model"] == "sd15"}
     payload = json.loads((tmp_path / "caches.json").read_text())
     assert len(payload["magcache_ratios"]["6"]) == 6 and {"steps_6", "sd15_steps_6"} <= set(payload["targets"])
     assert (tmp_path / "caches.png").stat().st_size > 0 and "## Targets" in (tmp_path / "caches.md").read_text()
@@ -81,7 +84,7 @@ def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratio
     from stepsaver.files import exclusive_folder
 
     cfg = _toy(tmp_path, render_only=True, ours_thresholds=(), fbc_thresholds=(), taylorseer=(), pab_skips=(),
-               fastercache_skips=())
+               fastercache_skips=(), fixed_intervals=())
     pipe = helpers.build_flux()
     calibrations = []
     real = caches.calibrate_magcache

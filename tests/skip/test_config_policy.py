@@ -68,3 +68,30 @@ def test_the_criterion_policy_is_the_default():
     assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.0)).decide(flat, [None] * 5, 1) == [False]
     shared = CriterionPolicy(AdaptiveSkipConfig(threshold=0.5, per_sample=False))
     assert shared.decide([1.0] * 4, [False] * 5, 1) is True and not shared.per_sample
+
+
+def test_the_fixed_rule_reuses_whenever_warmup_and_cmax_allow(embedded_pipe):
+    from stepsaver import disable_adaptive_skip, enable_adaptive_skip
+    from stepsaver.generation import generate_images
+
+    # Policy level: no test of the differences, only warm-up and C_max (per sample).
+    fixed = CriterionPolicy(AdaptiveSkipConfig(rule="fixed", max_skips=2))
+    wild = [[5.0, 1.0], [0.1, 1.0], [9.0, 1.0], [0.0, 1.0]]  # a trajectory the criterion would never skip
+    assert fixed.decide(wild[:2], [None] * 3, 2) == [False, False]  # still warming up
+    assert fixed.decide(wild, [None] * 5, 2) == [True, True]
+    assert fixed.decide(wild, [None, None, None, None, [True, False], [True, True]], 2) == [False, True]
+    assert CriterionPolicy(AdaptiveSkipConfig(rule="fixed", max_skips=0)).decide(wild, [None] * 5, 1) == [False]
+    # In a pipeline: one call every max_skips + 1 steps after the warm-up, for both prompts of a batch.
+    enable_adaptive_skip(embedded_pipe, AdaptiveSkipConfig(rule="fixed", max_skips=2))
+    try:
+        results = generate_images(embedded_pipe, ["a cat, blue background", "a dog, red background"], steps=12,
+                                  seeds=[0, 1], output_type="latent")
+        report = skip_report(embedded_pipe)
+    finally:
+        disable_adaptive_skip(embedded_pipe)
+    assert report.skipped_steps(0) == report.skipped_steps(1) == [4, 5, 7, 8, 10, 11]
+    assert [r.denoiser_calls for r in results] == [6, 6] and report.summary()["rule"] == "fixed"
+    for bad, match in ((dict(rule="every"), "rule must be one of criterion, fixed"),
+                       (dict(rule="fixed", compat=True), "drop compat=True")):
+        with pytest.raises(StepsaverError, match=match):
+            AdaptiveSkipConfig(**bad)

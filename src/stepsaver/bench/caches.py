@@ -7,6 +7,8 @@ they do), and is compared with the full-step images of the same scheduler, at ea
 * **full**: every step; **plain N**: fewer plain steps (a curve), and **iso-cost** plain steps at
   each of our rows' denoiser calls: the baseline every method must beat;
 * **ours**: the Skip hook (:func:`stepsaver.skip.enable_adaptive_skip`), a threshold sweep;
+* **fixed interval k**: the same hook with ``rule="fixed"``, one call every ``k`` steps after the
+  warm-up: the non-adaptive baseline the criterion must beat at equal speed;
 * diffusers' caches through ``pipe.transformer.enable_cache``: **FirstBlockCache** (threshold
   sweep), **MagCache** (its ``mag_ratios`` measured by its own ``calibrate`` mode on calibration
   prompts from the *training* split, disjoint from the eval captions), **TaylorSeer** (cache
@@ -22,13 +24,15 @@ adherence (the shipped scene reader).
 
 **The UNet half** (``unet_model``, default the embedded ``tiny``): the same held-out prompts and
 noise on the UNet model, with the methods that run on a ``UNet2DConditionModel``: plain fewer
-steps, ours, DeepCache (PyPI ``DeepCache``, cache intervals) and PAB (diffusers'
+steps, ours, fixed interval, DeepCache (PyPI ``DeepCache``, cache intervals) and PAB (diffusers'
 ``apply_pyramid_attention_broadcast`` on its attention modules; no other diffusers cache attaches
 to a UNet). Its rows carry ``model`` = the UNet's name and get their own verdicts and Pareto panels.
 
 **Renders are kept** under ``work`` (one ``.npz`` per prompt in a folder per model weights,
-method and settings, written atomically; the folder is locked, so a second run on it is refused):
-a run killed half-way resumes where it stopped, and only the timing pass renders again.
+method and settings, written atomically): a run killed half-way resumes where it stopped, and
+only the timing pass renders again. A report run locks its model (a second one is refused);
+``--render-only`` runs lock one render folder at a time, so two can fill one model together.
+Each row's scores and MagCache's ratios are kept beside the renders.
 """
 
 from __future__ import annotations
@@ -57,9 +61,11 @@ __all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcac
 
 SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
 DIFFUSERS_CACHES = tuple(CACHE_KINDS)
-NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "deepcache": "DeepCache",
-         **CACHE_KINDS}
-RIVALS = (*DIFFUSERS_CACHES, "deepcache")  # the methods ours must beat at equal or greater speedup
+NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "fixed": "fixed interval",
+         "deepcache": "DeepCache", **CACHE_KINDS}
+# The methods ours must beat at equal or greater speedup: every cache, and our own hook with a fixed
+# interval instead of the criterion (the non-adaptive baseline at the same reuse machinery).
+RIVALS = (*DIFFUSERS_CACHES, "deepcache", "fixed")
 COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms",
            "speedup", "psnr_db", "lpips", "fid", "adherence"]
 
@@ -68,7 +74,7 @@ COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "pea
 class CacheMethod:
     """One way to render at ``steps``: plain steps, our hook, or one diffusers cache with its knobs."""
 
-    kind: str  # "full" | "plain" | "iso" | "ours" | "deepcache" | one of DIFFUSERS_CACHES
+    kind: str  # "full" | "plain" | "iso" | "ours" | "fixed" | "deepcache" | one of DIFFUSERS_CACHES
     steps: int
     knobs: tuple[tuple[str, Any], ...] = ()
 
@@ -90,10 +96,12 @@ class CacheMethod:
     @contextlib.contextmanager
     def applied(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
         """Attach the method for the block and take it off again, whatever happens inside."""
-        if self.kind == "ours":
+        if self.kind in ("ours", "fixed"):
             from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
 
-            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=dict(self.knobs)["threshold"]))
+            knobs = dict(self.knobs)
+            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=knobs["threshold"]) if self.kind == "ours"
+                                 else AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1))
             try:
                 yield
             finally:
@@ -130,6 +138,7 @@ class CachesBenchConfig:
     pab_skips: tuple[int, ...] = (2, 3)
     fastercache_skips: tuple[int, ...] = (2,)
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)
+    fixed_intervals: tuple[int, ...] = (2, 3, 5)  # our hook, one call every k steps after the warm-up
     plain_fractions: tuple[float, ...] = (0.25, 0.4, 0.6)
     fid: bool = True
     adherence: bool = True
@@ -162,6 +171,9 @@ class CachesBenchConfig:
             raise StepsaverError(f"--steps must be step counts >= 5, got {self.steps}")
         if not math.isfinite(self.guidance) or self.guidance < 0:
             raise StepsaverError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in self.fixed_intervals):
+            raise StepsaverError(f"fixed intervals must be integers >= 2 (one call every k steps), "
+                                 f"got {self.fixed_intervals}")
         if any(not 0 < f < 1 for f in self.plain_fractions):
             raise StepsaverError(f"plain fractions must be in (0, 1), got {self.plain_fractions}")
 
@@ -171,6 +183,7 @@ class CachesBenchConfig:
         rows = [CacheMethod("full", steps)]
         rows += [CacheMethod("plain", steps, (("steps", max(2, round(steps * f))),)) for f in self.plain_fractions]
         rows += [CacheMethod("ours", steps, (("threshold", t),)) for t in self.ours_thresholds]
+        rows += [CacheMethod("fixed", steps, (("interval", k),)) for k in self.fixed_intervals]
         sweeps = {"fbc": [(("threshold", t),) for t in self.fbc_thresholds],
                   "magcache": [(("threshold", t),) for t in self.magcache_thresholds],
                   "taylorseer": [(("interval", i), ("order", o)) for i, o in self.taylorseer],
@@ -385,7 +398,7 @@ def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
     """Issue 19's targets from the rows, per model and step count.
 
     In the speedup band 1.5x-3x, each of our rows must have higher PSNR and lower LPIPS than every
-    rival cache row (diffusers' caches; DeepCache on the UNet) at equal or greater speedup, and
+    rival row (diffusers' caches; DeepCache on the UNet; our fixed interval) at equal or greater speedup, and
     beat its iso-cost plain-steps row. Keys are ``steps_N`` for the first model (the Flux one) and
     ``<model>_steps_N`` for any other.
     """
@@ -415,7 +428,7 @@ def _verdict(at: Sequence[dict], where: str) -> dict[str, Any]:
     holds = bool(ours) and not losses and not iso_losses
     text = (f"**{where}: {'holds' if holds else 'does not hold'}** — {len(ours)} of our settings in the "
             f"{SPEEDUP_RANGE[0]:g}x-{SPEEDUP_RANGE[1]:g}x band"
-            + (f"; beaten or tied by a cache at equal or greater speedup: {'; '.join(losses)}" if losses else "")
+            + (f"; beaten or tied by a rival at equal or greater speedup: {'; '.join(losses)}" if losses else "")
             + (f"; not better than plain steps at the same calls: {'; '.join(iso_losses)}" if iso_losses else "")
             + ".")
     if not ours:
@@ -479,8 +492,8 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
     from stepsaver.shrink.optimize import machine_info
 
     unet = (f" The UNet half ({cfg.unet_model}, its own scheduler) renders the first {cfg.unet_n or cfg.n} of the "
-            "same prompts with the same noise and runs the methods a UNet takes: plain steps, ours, DeepCache "
-            "and PAB.") if cfg.unet_model else ""
+            "same prompts with the same noise and runs the methods a UNet takes: plain steps, ours, fixed "
+            "interval, DeepCache and PAB.") if cfg.unet_model else ""
     flux = f"On {cfg.model}: " if cfg.model else "UNet half only: "
     summary = "\n".join([
         f"{flux}{cfg.n} held-out scene prompts (eval split), batch 1, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, "
@@ -491,7 +504,9 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         "## Targets", "", *(v["text"] for v in verdicts.values()), "",
         "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
         "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
-        "skips whole calls. DeepCache also calls the UNet every step and reuses its deep features."])
+        "skips whole calls. DeepCache also calls the UNet every step and reuses its deep features. "
+        "Fixed interval is our hook without its criterion (one call every k steps after the warm-up): "
+        "where it matches ours at equal speed, the criterion adds nothing on that model."])
     table = [{k: v for k, v in r.items() if k not in ("per_image",)} for r in rows]
     title = "Caches: Skip beside diffusers' caches on " + " and ".join(m for m in (cfg.model, cfg.unet_model) if m)
     paths = write_report("caches", finite(table), title=title,

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["MIN_WARMUP", "REUSES", "SCALES", "AdaptiveSkipConfig"]
+__all__ = ["MIN_WARMUP", "REUSES", "RULES", "SCALES", "AdaptiveSkipConfig"]
 
 SCALES = ("latent", "sigma")  # what D_j measures (see AdaptiveSkipConfig.scale)
 REUSES = ("output", "noise", "x0")  # what a skipped step reuses (see AdaptiveSkipConfig.reuse)
+RULES = ("criterion", "fixed")  # what decides a skip (see AdaptiveSkipConfig.rule)
 
 MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
 
@@ -58,6 +59,12 @@ class AdaptiveSkipConfig:
             the noise level). The same as ``"output"`` on epsilon and flow models. ``"x0"``: the
             data prediction, re-expressed at the new step and latent (the noise part then follows
             the latent, which matters for ancestral samplers that add fresh noise every step).
+        rule: what decides a skip. ``"criterion"`` (default): the third-order test above.
+            ``"fixed"``: no test: after the warm-up every step reuses the cache until C_max
+            consecutive reuses force a call, i.e. one denoiser call every ``max_skips + 1`` steps.
+            It is the non-adaptive baseline at the same reuse machinery (DeepCache's and
+            TaylorSeer's uniform interval, at the level of whole calls): the criterion has to beat
+            it at equal calls to be worth its name. ``threshold`` is ignored.
     """
 
     threshold: float = 0.02
@@ -67,6 +74,7 @@ class AdaptiveSkipConfig:
     compat: bool = False
     scale: str = "sigma"
     reuse: str = "noise"
+    rule: str = "criterion"
 
     def __post_init__(self) -> None:
         if self.compat is True:  # the official code measures raw latent differences and reuses raw outputs
@@ -90,6 +98,11 @@ class AdaptiveSkipConfig:
             raise StepsaverError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.reuse not in REUSES:
             raise StepsaverError(f"reuse must be one of {', '.join(REUSES)}, got {self.reuse!r}")
+        if self.rule not in RULES:
+            raise StepsaverError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule == "fixed" and self.compat:
+            raise StepsaverError("compat mode reproduces the official criterion; the fixed rule has none "
+                                 "(drop compat=True or rule='fixed')")
         if self.compat and self.warmup != MIN_WARMUP:
             raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
                                  f"got warmup={self.warmup}")

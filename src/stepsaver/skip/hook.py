@@ -83,6 +83,7 @@ from stepsaver.calls import denoiser_of, publish_call_report
 from stepsaver.errors import StepsaverError
 from stepsaver.skip.config import AdaptiveSkipConfig
 from stepsaver.skip.criterion import (
+    consecutive_skips,
     latent_difference,
     next_step_skipped,
     next_step_skipped_batched,
@@ -124,6 +125,7 @@ class SkipReport:
     scale: str = "latent"
     reuse: str = "output"
     unscaled: list[int] = field(default_factory=list)  # "sigma" scale: j of each D_j left in latent units
+    rule: str = "criterion"
 
     @property
     def steps(self) -> int:
@@ -152,7 +154,7 @@ class SkipReport:
         """Why a call saved nothing ('' when it saved some): the reason a user would look for."""
         if self.calls_saved:
             return ""
-        if self.threshold == 0 or self.max_skips == 0:
+        if self.max_skips == 0 or (self.threshold == 0 and self.rule == "criterion"):
             return "calls saved 0 because threshold or max_skips is 0 (skipping off)"
         if self.steps <= self.warmup:
             return (f"calls saved 0 because {self.steps} steps <= warmup {self.warmup}: the first {self.warmup} "
@@ -164,7 +166,7 @@ class SkipReport:
     def summary(self) -> dict[str, Any]:
         note = {"note": self.why_no_savings()} if not self.calls_saved else {}
         unscaled = {"unscaled_differences": self.unscaled} if self.unscaled else {}
-        return {**note, **unscaled, "mode": self.mode, "scale": self.scale, "reuse": self.reuse,
+        return {**note, **unscaled, "mode": self.mode, "rule": self.rule, "scale": self.scale, "reuse": self.reuse,
                 "threshold": self.threshold,
                 "max_skips": self.max_skips,
                 "steps": self.steps,
@@ -323,6 +325,13 @@ class CriterionPolicy(SkipPolicy):
 
     def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool | list[bool]:
         cfg = self.config
+        if cfg.rule == "fixed":  # the non-adaptive baseline: reuse whenever warm-up and C_max allow
+            def column(i: int) -> list[bool]:  # entries: None (computed), one flag, or a flag per sample
+                return [bool(e[i]) if isinstance(e, list) else bool(e) for e in path]
+
+            out = [len(path) >= cfg.warmup and consecutive_skips(column(i)) < cfg.max_skips
+                   for i in range(batch if self.per_sample else 1)]
+            return out if self.per_sample else out[0]
         if cfg.compat:
             return official_next_step_skipped(diffs, [bool(p) for p in path], cfg.threshold, cfg.max_skips)
         if not cfg.per_sample:
@@ -623,7 +632,7 @@ class AdaptiveSkipHook(ModelHook):
                           denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
                           rows_computed=state.rows_computed, sample_calls=[sum(r) for r in ran],
                           sample_saved=[len(r) - sum(r) for r in ran], scale=cfg.scale,
-                          reuse=cfg.reuse, unscaled=list(state.unscaled))
+                          reuse=cfg.reuse, unscaled=list(state.unscaled), rule=cfg.rule)
 
     def _publish(self) -> None:
         pipe = self._pipe()
