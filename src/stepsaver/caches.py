@@ -102,39 +102,54 @@ class CacheSpec:
             current_timestep_callback=now, attention_weight_callback=lambda _: 0.3,
             is_guidance_distilled=True)  # Flux's true CFG runs cond and uncond as separate calls
 
-    @contextlib.contextmanager
-    def applied(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
-        """Attach the cache for the block and take it off again, whatever happens inside."""
+    def attach(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> None:
+        """Attach the cache and leave it on (what a served, calibrated pipeline needs); :meth:`detach`
+        takes it off. A cache that cannot run on this denoiser is refused with the reason."""
         if self.kind == "pab" and not supports_caches(pipe) and unet_of(pipe) is not None:
-            with _unet_pab(pipe, dict(self.knobs)["skip"]):
-                yield
+            _attach_unet_pab(pipe, dict(self.knobs)["skip"])
             return
         if not supports_caches(pipe):
             denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
             raise StepsaverError(f"{CACHE_KINDS[self.kind]} needs a CacheMixin denoiser (Flux-layout transformers); "
                                  f"this pipeline's is {type(denoiser).__name__}")
         pipe.transformer.enable_cache(self.diffusers_config(pipe, steps, mag_ratios))
+
+    @staticmethod
+    def detach(pipe: Any) -> None:
+        """Take off whatever :meth:`attach` put on (nothing attached: nothing to do)."""
+        if _detach_unet_pab(pipe):
+            return
+        if supports_caches(pipe) and getattr(pipe.transformer, "is_cache_enabled", False):
+            pipe.transformer.disable_cache()
+
+    @contextlib.contextmanager
+    def applied(self, pipe: Any, steps: int, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
+        """Attach the cache for the block and take it off again, whatever happens inside."""
+        self.attach(pipe, steps, mag_ratios)
         try:
             yield
         finally:
-            pipe.transformer.disable_cache()
+            self.detach(pipe)
 
 
-@contextlib.contextmanager
-def _unet_pab(pipe: Any, skip: int) -> Iterator[None]:
+_UNET_PAB = "_stepsaver_unet_pab"  # where an attached UNet PAB keeps its timestep pre-hook's handle
+
+
+def _attach_unet_pab(pipe: Any, skip: int) -> None:
     """PyramidAttentionBroadcast on a UNet, which has no ``enable_cache``.
 
     diffusers' ``apply_pyramid_attention_broadcast`` hooks the attention modules of any model; it
     needs the current timestep, which an SD-style pipeline does not publish as
     ``pipe.current_timestep``, so a forward pre-hook on the UNet records the ``timestep`` it is
     called with. The same timestep range and callback shape as the Flux setting, so both models'
-    PAB rows mean the same thing. Removed with diffusers' own ``remove_hook(recurse=True)``.
+    PAB rows mean the same thing. :func:`_detach_unet_pab` removes both with diffusers' own
+    ``remove_hook(recurse=True)``.
     """
     import diffusers
-    from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
-    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+    from diffusers.hooks import apply_pyramid_attention_broadcast
 
     unet = unet_of(pipe)
+    _detach_unet_pab(pipe)  # attaching twice would stack two hooks
     now: dict[str, Any] = {"t": 1000}
 
     def record(_module: Any, args: tuple, kwargs: dict) -> None:
@@ -146,11 +161,21 @@ def _unet_pab(pipe: Any, skip: int) -> Iterator[None]:
     apply_pyramid_attention_broadcast(unet, diffusers.PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(100, 800),
         current_timestep_callback=lambda: now["t"]))
-    try:
-        yield
-    finally:
-        handle.remove()
-        HookRegistry.check_if_exists_or_initialize(unet).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=True)
+    pipe.__dict__[_UNET_PAB] = handle
+
+
+def _detach_unet_pab(pipe: Any) -> bool:
+    """Remove a UNet PAB attached by :func:`_attach_unet_pab`; whether there was one."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    handle = pipe.__dict__.pop(_UNET_PAB, None)
+    if handle is None:
+        return False
+    handle.remove()
+    HookRegistry.check_if_exists_or_initialize(unet_of(pipe)).remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK,
+                                                                          recurse=True)
+    return True
 
 
 @contextlib.contextmanager
@@ -158,7 +183,7 @@ def deepcache_applied(pipe: Any, interval: int) -> Iterator[None]:
     """PyPI ``DeepCache`` (``DeepCacheSDHelper``) on a UNet pipeline for the block, taken off after.
 
     DeepCache is the UNet-era rival both ``bench skip`` and ``bench caches`` measure; it is not a
-    diffusers hook, so it lives here beside :func:`_unet_pab` rather than in :class:`CacheSpec`.
+    diffusers hook, so it lives here beside the UNet PAB attach rather than in :class:`CacheSpec`.
     Branch 0 (the shallowest skip branch) with the given cache interval, as in its README.
     """
     if unet_of(pipe) is None:

@@ -39,7 +39,7 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     payload = json.loads((tmp_path / "skip.json").read_text())
     keys = [r["key"] for r in payload["rows"]]
     assert keys == ["full", "ours", "ours_batch", "paper", "compat", "full_compiled", "ours_compiled",
-                    "deepcache_2", "deepcache_3", "deepcache_5", "iso"]
+                    "deepcache_2", "deepcache_3", "deepcache_5", "fixed_2", "fixed_3", "fixed_5", "iso"]
     for row in payload["rows"]:
         assert set(COLUMNS) <= set(row)
         assert row["denoiser_calls"] <= 6 and row["gmacs_per_image"] > 0 and row["median_latency_ms"] > 0
@@ -50,6 +50,8 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     by_key = dict(zip(keys, payload["rows"], strict=True))
     assert by_key["full_compiled"]["psnr_db"] > 60  # the compiled UNet renders the eager image (to float error)
     assert by_key["ours_compiled"]["denoiser_calls"] == by_key["ours"]["denoiser_calls"]
+    # fixed interval: 4 warm-up calls, then one every k steps (6 steps: k=2 -> step 5 runs; k>=3 -> none)
+    assert [by_key[f"fixed_{k}"]["denoiser_calls"] for k in (2, 3, 5)] == [5, 4, 4]
     sweep = payload["scheduler_sweep"]
     assert [r["method"][:3] for r in sweep] == ["our", "iso", "pap"] * 2  # per scheduler: ours, its iso-cost, paper
     assert [r["scheduler"] for r in sweep] == ["ddim"] * 3 + ["heun"] * 3
@@ -58,10 +60,11 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     assert len(payload["ablation_grid"]) == 4 and len(payload["ablation_steps"]) == 2
     assert {"beats_iso", "iso_steps", "iso_psnr_db"} <= set(payload["ablation_grid"][0])
     assert len(payload["oracle"]["prompts"]) == 1 and "p_value" in payload["oracle"]["chi2"]
-    assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_iso_ddim",
-                                       "scheduler_sweep"}
+    assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_fixed_ddim",
+                                       "beats_iso_ddim", "scheduler_sweep"}
     md = (tmp_path / "skip.md").read_text()
     assert "**Target 1 (DDIM, 6 steps" in md and "**Target 2 (ddim" in md and "**Target 3 (ddim" in md
+    assert "**Target 4 (ddim" in md
     assert "## Ablation: delta x C_max" in md and "## Oracle vs estimator" in md
     assert "## Every scheduler" in md and "**Scheduler sweep" in md
     for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png", "skip-schedulers.png"):
@@ -85,6 +88,12 @@ def test_targets_are_decided_from_the_numbers():
     assert out["beats_deepcache_ddim"]["holds"] is True and out["beats_deepcache_ddim"]["compared"] == ["deepcache_2"]
     assert out["beats_iso_ddim"]["holds"] is False and "does not beat" in out["beats_iso_ddim"]["text"]
     assert out["beats_iso_ddim"]["settings_that_beat_iso"] == [(0.005, 2)]
+    assert "beats_fixed_ddim" not in out  # no fixed-interval rows: no target 4
+    fixed = [_row("fixed_2", 1.8, 26.0, 0.06, calls=27.0), _row("fixed_3", 2.4, 24.0, 0.09, calls=18.0)]
+    out = targets(rows + fixed, grid, 50)["beats_fixed_ddim"]
+    assert out["holds"] is True and out["compared"] == ["fixed_3"]  # fixed_2 makes more calls than ours (25)
+    fixed[1] = _row("fixed_3", 2.4, 28.0, 0.09, calls=18.0)  # cheaper and sharper: ours loses
+    assert targets(rows + fixed, grid, 50)["beats_fixed_ddim"]["holds"] is False
     rows[1] = _row("ours", 1.7, 27.0, 0.05)  # too slow for the wall-clock target
     assert targets(rows, grid, 50)["calls_speed_quality"]["holds"] is False
     rows[1] = _row("ours", 1.2, 27.0, 0.05)  # slower than every DeepCache interval

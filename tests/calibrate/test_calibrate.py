@@ -115,7 +115,7 @@ def test_calibrate_chooses_the_cheapest_confident_setting_and_validates_it(pipe,
 def test_screening_prunes_the_cheaper_settings_of_a_hopeless_line(pipe, tmp_path):
     with pytest.raises(StepsaverError, match="closest was own, 6 steps") as err:
         calibrate(pipe, PROMPTS, "psnr>=99", space=SearchSpace(steps=(2, 3, 4, 6, 12), skip_thresholds=(),
-                                                               confidences=(), caches=()),
+                                                               fixed_skips=False, confidences=(), caches=()),
                   work=tmp_path / "w", **KW)
     assert "loosen the tolerance" in str(err.value)
     # only the line's best (6 steps) was rendered on the screen: 4, 3 and 2 steps were pruned unrendered
@@ -139,7 +139,7 @@ class FakeRecommender:
 
 
 def test_the_recommender_reuses_the_fixed_step_renders(pipe, tmp_path):
-    space = SearchSpace(steps=(5, 12), skip_thresholds=(), confidences=(0.5, 0.9), caches=())
+    space = SearchSpace(steps=(5, 12), skip_thresholds=(), fixed_skips=False, confidences=(0.5, 0.9), caches=())
     labels = [{"prompt": p, "seed": s, "label": 10 if "cat" in p else 20 + 10 * s} for p in PROMPTS for s in (0, 1)]
     res = calibrate(pipe, PROMPTS, "lpips<=0.5", space=space, recommender=FakeRecommender(), work=tmp_path / "w",
                     labels=labels, **KW)
@@ -185,6 +185,45 @@ def _config(pipe, **over) -> CalibratedConfig:
     fields = dict(model="test", fingerprint=pipeline_fingerprint(pipe), candidate=Candidate("ddim", 8, (0.05, 4)),
                   tolerance="lpips<=0.05", reference={"scheduler": "own", "steps": 12}, guidance=3.0)
     return CalibratedConfig(**{**fields, **over})
+
+
+def test_fixed_interval_skip_and_unet_pab_are_in_the_space_and_run_from_a_config(pipe, tmp_path):
+    from stepsaver import generate
+    from stepsaver.caches import CacheSpec, cache_kinds_for
+    from stepsaver.calibrate.space import FIXED, skip_config
+    from stepsaver.skip import disable_adaptive_skip, skip_report
+
+    space = SearchSpace(steps=(8, 12), skip_thresholds=(0.05,), skip_max=(2,), skip_min_steps=8, confidences=())
+    ref = Candidate("own", 12)
+    found = space.candidates(ref, recommender=False, caches=cache_kinds_for(pipe))
+    assert Candidate("own", 8, (FIXED, 2)) in found and Candidate("own", 8, (0.05, 2)) in found
+    assert {c.cache.kind for c in found if c.cache} == {"pab"}  # a UNet takes PAB only
+    assert {c.cache.kind for c in space.candidates(ref, False, caches=True) if c.cache} == {"fbc", "taylorseer",
+                                                                                              "pab"}
+    assert not [c for c in space.candidates(ref, False, caches=()) if c.cache]
+    fixed = Candidate("own", 8, (FIXED, 2))
+    assert fixed.to_dict()["skip"] == {"rule": "fixed", "max_skips": 2} and "fixed" in fixed.label
+    assert Candidate.from_dict(json.loads(json.dumps(fixed.to_dict()))) == fixed  # no Infinity in the file
+    assert skip_config(fixed.skip).rule == "fixed"
+    # a saved fixed-interval config runs that rule
+    back = load_calibrated(_config(pipe, candidate=fixed).save(tmp_path / "fixed.json"))
+    p = copy.deepcopy(pipe)
+    back.apply(p)
+    try:
+        generate(p, "a red cat", steps=back.steps(), guidance=back.guidance, height=32, width=32)
+        assert skip_report(p).skipped_steps() == [4, 5, 7]
+    finally:
+        disable_adaptive_skip(p)
+    # a calibrated PAB stays on the UNet for serving, changes the image, and comes off cleanly
+    pab = load_calibrated(_config(pipe, candidate=Candidate("own", 8, None, None, CacheSpec("pab", (("skip", 2),))))
+                          .save(tmp_path / "pab.json"))
+    p = copy.deepcopy(pipe)
+    plain = generate(p, "a red cat", steps=8, guidance=3.0, height=32, width=32, output_type="np").image
+    pab.apply(p)
+    cached = generate(p, "a red cat", steps=8, guidance=3.0, height=32, width=32, output_type="np").image
+    CacheSpec.detach(p)
+    again = generate(p, "a red cat", steps=8, guidance=3.0, height=32, width=32, output_type="np").image
+    assert np.abs(cached - plain).max() > 0 and np.array_equal(again, plain)
 
 
 def test_the_config_round_trips_and_runs_what_was_chosen(pipe, tmp_path):

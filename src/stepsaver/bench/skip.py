@@ -9,6 +9,8 @@ the same scheduler. Rows, per scheduler (DDIM, DPM++ 2M, Euler by default):
 * **ours per-sample, batch B**: the same config on batches of ``B`` prompts, one path per sample;
 * **official-compat**: the hook reproducing the official code's decisions (batch 1);
 * **DeepCache k**: PyPI ``DeepCache``'s ``DeepCacheSDHelper``, cache interval ``k`` (2, 3, 5);
+* **fixed interval k**: the Skip hook with ``rule="fixed"``: one call every ``k`` steps after the
+  warm-up, no criterion (2, 3, 5): the non-adaptive baseline at the same reuse machinery;
 * **iso-cost fixed N**: plain ``N`` steps, ``N`` = ours' mean denoiser calls, rounded: the same
   budget spent on fewer steps instead of skipped ones.
 
@@ -56,6 +58,7 @@ DELTAS = (0.005, 0.01, 0.02, 0.05)
 MAX_SKIPS_GRID = (2, 3, 4, 6)
 ABLATION_STEPS = (50, 25, 15, 10)
 DEEPCACHE_INTERVALS = (2, 3, 5)
+FIXED_INTERVALS = (2, 3, 5)  # rule="fixed": one call every k steps after the warm-up
 SWEEP_STEPS = (30, 50)
 SWEEP_CALLS_TARGET, SWEEP_PSNR_TARGET = 1.5, 35.0  # issue 17, item 9: every scheduler, 30 and 50 steps
 CALLS_TARGET, SPEEDUP_TARGET, PSNR_TARGET = 2.0, 1.8, 26.0
@@ -82,10 +85,11 @@ class Method:
     scale: str = AdaptiveSkipConfig.scale
     reuse: str = AdaptiveSkipConfig.reuse
     compiled: bool = False  # the denoiser under torch.compile (Inductor), the hook attached around it
+    rule: str = AdaptiveSkipConfig.rule
 
     def skip_config(self) -> AdaptiveSkipConfig:
         return AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips, per_sample=not self.compat,
-                                  compat=self.compat, scale=self.scale, reuse=self.reuse)
+                                  compat=self.compat, scale=self.scale, reuse=self.reuse, rule=self.rule)
 
     @contextlib.contextmanager
     def applied(self, pipe: Any) -> Iterator[None]:
@@ -147,6 +151,7 @@ class SkipBenchConfig:
     deltas: tuple[float, ...] = DELTAS
     max_skips_grid: tuple[int, ...] = MAX_SKIPS_GRID
     deepcache_intervals: tuple[int, ...] = DEEPCACHE_INTERVALS
+    fixed_intervals: tuple[int, ...] = FIXED_INTERVALS
     threshold: float = AdaptiveSkipConfig.threshold
     max_skips: int = AdaptiveSkipConfig.max_skips
     batch: int = 8
@@ -210,6 +215,8 @@ class SkipBenchConfig:
                                      f"got {value}")
         if self.batch < 1 or any(k < 1 for k in self.deepcache_intervals):
             raise StepsaverError("--batch and DeepCache intervals must be >= 1")
+        if any(k < 2 for k in self.fixed_intervals):
+            raise StepsaverError(f"fixed intervals must be >= 2 (one call every k steps), got {self.fixed_intervals}")
         if self.threshold < 0 or self.max_skips < 0 or any(d < 0 for d in self.deltas) or \
                 any(c < 0 for c in self.max_skips_grid):
             raise StepsaverError("skip thresholds and max-skips must be >= 0")
@@ -288,6 +295,26 @@ def _row(rows: Sequence[dict], scheduler: str, key: str) -> dict | None:
     return next((r for r in rows if r["scheduler"] == scheduler and r["key"] == key), None)
 
 
+def _beats_fixed(rows: Sequence[dict], scheduler: str, ours: dict) -> dict[str, Any]:
+    """Target 4 for one scheduler (empty when the run had no fixed-interval rows)."""
+    fixed = [r for r in rows if r["scheduler"] == scheduler and r["key"].startswith("fixed_")]
+    if not fixed:
+        return {}
+    cheaper = [r for r in fixed if r["denoiser_calls"] <= ours["denoiser_calls"]]
+    beaten = [r for r in cheaper if ours["psnr_db"] > r["psnr_db"] and ours["lpips"] < r["lpips"]]
+    detail = "; ".join(f"{r['method']}: {r['denoiser_calls']:.1f} calls, {r['psnr_db']:.2f} dB, LPIPS "
+                       f"{r['lpips']:.4f}" for r in fixed)
+    if not cheaper:
+        holds, verdict = None, "not comparable (every fixed interval made more calls than ours)"
+    else:
+        holds = len(beaten) == len(cheaper)
+        verdict = "holds" if holds else "does not hold"
+    return {f"beats_fixed_{scheduler}": {
+        "holds": holds, "compared": [r["method"] for r in cheaper], "beaten": [r["method"] for r in beaten],
+        "text": f"**Target 4 ({scheduler}, beat fixed-interval skipping at no more calls): {verdict}** — ours "
+                f"{ours['denoiser_calls']:.1f} calls, {ours['psnr_db']:.2f} dB, LPIPS {ours['lpips']:.4f}; {detail}."}}
+
+
 def targets(rows: Sequence[dict], grid: Sequence[dict], steps: int) -> dict[str, Any]:
     """Issue 4's targets, decided from the rows; each entry has ``holds`` and a plain sentence.
 
@@ -296,6 +323,8 @@ def targets(rows: Sequence[dict], grid: Sequence[dict], steps: int) -> dict[str,
        than ours (equal or greater speedup for ours).
     3. Per scheduler: ours vs the iso-cost fixed-step baseline (higher PSNR and lower LPIPS), and
        the ablation settings that beat their own iso-cost baseline.
+    4. Per scheduler: higher PSNR and lower LPIPS than every fixed-interval row that makes no more
+       denoiser calls than ours (the criterion must beat skipping on a timer).
     """
     out: dict[str, Any] = {}
     full, ours = _row(rows, "ddim", "full"), _row(rows, "ddim", "ours")
@@ -331,6 +360,7 @@ def targets(rows: Sequence[dict], grid: Sequence[dict], steps: int) -> dict[str,
             "holds": holds, "compared": [r["method"] for r in slower], "beaten": [r["method"] for r in beaten],
             "text": f"**Target 2 ({scheduler}, beat DeepCache at equal or greater speedup): {verdict}** — {mine}; "
                     f"{detail}."}
+        out.update(_beats_fixed(rows, scheduler, ours))
         iso = _row(rows, scheduler, "iso")
         if iso is None:
             continue
@@ -400,8 +430,11 @@ class _DiskCache:
     def folder(self, scheduler: str, method: Method) -> Path:
         import hashlib
 
-        key = json.dumps({"weights": self.weights, "scheduler": scheduler, **self.settings,
-                          **dataclasses.asdict(method)}, sort_keys=True)
+        fields = dataclasses.asdict(method)
+        if fields["rule"] == AdaptiveSkipConfig.rule:  # added later: the criterion's renders keep their folders
+            del fields["rule"]
+        key = json.dumps({"weights": self.weights, "scheduler": scheduler, **self.settings, **fields},
+                         sort_keys=True)
         name = f"{scheduler}-{method.kind}-{method.steps}-" + hashlib.sha1(key.encode()).hexdigest()[:12]
         return self.root / name
 
@@ -531,6 +564,8 @@ def _main_methods(cfg: SkipBenchConfig) -> list[tuple[str, str, Method]]:
                  ("ours_compiled", "ours, torch.compile", dataclasses.replace(ours, compiled=True))]
     rows += [(f"deepcache_{k}", f"DeepCache interval {k}", Method("deepcache", s, interval=k))
              for k in cfg.deepcache_intervals]
+    rows += [(f"fixed_{k}", f"fixed interval {k} (our hook, no criterion)",
+              Method("skip", s, 0.0, k - 1, rule="fixed")) for k in cfg.fixed_intervals]
     return rows
 
 
@@ -744,7 +779,8 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
     for k, r in enumerate(rows):
         if r["psnr_db"] is None:
             continue
-        marker = "x" if r["key"].startswith("deepcache") else markers.get(r["key"], ".")
+        marker = "x" if r["key"].startswith("deepcache") else "+" if r["key"].startswith("fixed_") else \
+            markers.get(r["key"], ".")
         ax.scatter(r["speedup"], r["psnr_db"], marker=marker, color=colours.get(r["scheduler"]), s=40)
         ax.annotate(r["key"].replace("deepcache_", "DC"), (r["speedup"], r["psnr_db"]), fontsize=6,
                     xytext=(3, 3 if k % 2 else -8), textcoords="offset points")  # alternate: neighbours collide

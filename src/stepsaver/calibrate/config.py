@@ -151,10 +151,11 @@ class CalibratedConfig:
         return pipe
 
     def attach_cache(self, pipe: Any) -> None:
-        """Enable the calibrated diffusers cache on ``pipe``'s transformer (nothing when there is none)."""
+        """Attach the calibrated diffusers cache to ``pipe``'s denoiser and leave it on (nothing when there
+        is none): ``enable_cache`` on a CacheMixin transformer, diffusers' PAB hooks on a UNet."""
         c = self.candidate
         if c.cache is not None:
-            pipe.transformer.enable_cache(c.cache.diffusers_config(pipe, c.steps or 0))
+            c.cache.attach(pipe, c.steps or 0)
 
     def steps(self) -> Any:
         """The ``steps`` argument of :func:`stepsaver.generate`: a count, or the recommender's chooser."""

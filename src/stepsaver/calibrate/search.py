@@ -480,7 +480,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
         from stepsaver.predict import StepRecommender
 
         recommender = StepRecommender.load(recommender)
-    from stepsaver.caches import supports_caches
+    from stepsaver.caches import cache_kinds_for
 
     cal, held = split_prompts(prompts, heldout, split_seed)
     screen_idx = cal[:max(2, min(screen, len(cal)))]
@@ -501,7 +501,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
             search.say = say
             say(f"reference: {reference.label} on {len(prompts)} prompts")
             search.evaluate(reference, list(range(len(prompts))), "reference", timed=False)
-            candidates = [c for c in space.candidates(reference, recommender is not None, supports_caches(pipe))
+            candidates = [c for c in space.candidates(reference, recommender is not None, cache_kinds_for(pipe))
                           if c != reference]
             screened: list[Evaluation] = []
             calibrated: list[Evaluation] = []

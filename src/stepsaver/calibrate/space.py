@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepsaver.caches import CacheSpec
+from stepsaver.caches import CACHE_KINDS, CacheSpec
 from stepsaver.errors import StepsaverError
 
-__all__ = ["FAMILIES", "OWN", "Candidate", "RenderKey", "SearchSpace", "skip_config"]
+__all__ = ["FAMILIES", "FIXED", "OWN", "Candidate", "RenderKey", "SearchSpace", "skip_config"]
 
 OWN = "own"  # the scheduler the pipeline came with (flow-matching models have no registry alternative)
 # single-knob families (the baselines a combination must beat) and the rest
 FAMILIES = ("steps", "skip", "recommender", "cache", "scheduler", "combined", "reference")
+
+
+FIXED = math.inf
+"""The threshold slot of a fixed-interval Skip setting, ``(FIXED, max_skips)``: Skip's ``rule="fixed"``
+(one call every ``max_skips + 1`` steps after the warm-up, no criterion). Infinity because it sits
+above every threshold in the orders the search prunes by (it reuses whenever C_max allows); it
+never reaches a file: :func:`skip_dict` writes ``{"rule": "fixed", "max_skips": m}``."""
 
 
 def skip_config(skip: tuple[float, int] | None) -> Any:
@@ -34,7 +43,24 @@ def skip_config(skip: tuple[float, int] | None) -> Any:
         return None
     from stepsaver.skip.config import AdaptiveSkipConfig
 
+    if skip[0] == FIXED:
+        return AdaptiveSkipConfig(rule="fixed", max_skips=skip[1])
     return AdaptiveSkipConfig(threshold=skip[0], max_skips=skip[1])
+
+
+def skip_dict(skip: tuple[float, int] | None) -> dict[str, Any] | None:
+    """A Skip setting as JSON (finite numbers only)."""
+    if skip is None:
+        return None
+    if skip[0] == FIXED:
+        return {"rule": "fixed", "max_skips": skip[1]}
+    return {"threshold": skip[0], "max_skips": skip[1]}
+
+
+def _skip_from_dict(data: dict[str, Any]) -> tuple[float, int]:
+    if data.get("rule", "criterion") == "fixed":
+        return FIXED, int(data["max_skips"])
+    return float(data["threshold"]), int(data["max_skips"])
 
 
 @dataclass(frozen=True)
@@ -48,8 +74,7 @@ class RenderKey:
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "steps": self.steps,
-                "skip": None if self.skip is None else {"threshold": self.skip[0], "max_skips": self.skip[1]},
-                "cache": None if self.cache is None else self.cache.to_dict()}
+                "skip": skip_dict(self.skip), "cache": None if self.cache is None else self.cache.to_dict()}
 
     @property
     def digest(self) -> str:
@@ -93,15 +118,15 @@ class Candidate:
         parts = [self.scheduler, f"{self.steps} steps" if self.steps is not None
                  else f"recommender@{self.confidence:g}"]
         if self.skip is not None:
-            parts.append(f"skip {self.skip[0]:g}/C{self.skip[1]}")
+            parts.append(f"skip every {self.skip[1] + 1}th step (fixed)" if self.skip[0] == FIXED
+                         else f"skip {self.skip[0]:g}/C{self.skip[1]}")
         if self.cache is not None:
             parts.append(self.cache.label)
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler, "steps": self.steps, "confidence": self.confidence,
-                "skip": None if self.skip is None else {"threshold": self.skip[0], "max_skips": self.skip[1]},
-                "cache": None if self.cache is None else self.cache.to_dict()}
+                "skip": skip_dict(self.skip), "cache": None if self.cache is None else self.cache.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Candidate:
@@ -109,7 +134,7 @@ class Candidate:
             skip = data.get("skip")
             cache = data.get("cache")
             return cls(scheduler=str(data.get("scheduler", OWN)), steps=data.get("steps"),
-                       skip=None if skip is None else (float(skip["threshold"]), int(skip["max_skips"])),
+                       skip=None if skip is None else _skip_from_dict(skip),
                        confidence=data.get("confidence"),
                        cache=None if cache is None else CacheSpec.from_dict(cache))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -131,12 +156,13 @@ class SearchSpace:
     steps: tuple[int, ...] = (4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
     skip_thresholds: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08)
     skip_max: tuple[int, ...] = (2, 4)
+    fixed_skips: bool = True  # also Skip's fixed rule at each C_max: the baseline the criterion must beat
     skip_min_steps: int = 10
     confidences: tuple[float, ...] = (0.5, 0.7, 0.9)
     caches: tuple[CacheSpec, ...] = field(default_factory=lambda: (
         CacheSpec("fbc", (("threshold", 0.05),)), CacheSpec("fbc", (("threshold", 0.1),)),
         CacheSpec("fbc", (("threshold", 0.2),)), CacheSpec("taylorseer", (("interval", 2), ("order", 1))),
-        CacheSpec("taylorseer", (("interval", 3), ("order", 1)))))
+        CacheSpec("taylorseer", (("interval", 3), ("order", 1))), CacheSpec("pab", (("skip", 2),))))
 
     def validate(self, reference_steps: int) -> None:
         if not self.schedulers:
@@ -152,12 +178,20 @@ class SearchSpace:
         if reference_steps < 1:
             raise StepsaverError(f"reference steps must be >= 1, got {reference_steps}")
 
-    def candidates(self, reference: Candidate, recommender: bool, caches: bool) -> list[Candidate]:
-        """Every combination this space allows (the reference itself included, at no cost)."""
+    def candidates(self, reference: Candidate, recommender: bool,
+                   caches: bool | Sequence[str]) -> list[Candidate]:
+        """Every combination this space allows (the reference itself included, at no cost).
+
+        ``caches``: the diffusers cache kinds the denoiser takes (:func:`stepsaver.caches.cache_kinds_for`:
+        every kind on a CacheMixin transformer, PAB on a UNet), or a bool for all / none.
+        """
         top = reference.steps or max(self.steps)
         grid = sorted({s for s in self.steps if s <= top} | {top})
         skips: list[tuple[float, int] | None] = [None] + [(t, m) for t in self.skip_thresholds
                                                           for m in self.skip_max if t > 0 and m > 0]
+        if self.fixed_skips:
+            skips += [(FIXED, m) for m in self.skip_max if m > 0]
+        kinds = set(CACHE_KINDS) if caches is True else set(caches or ())
         out: list[Candidate] = []
         for scheduler in self.schedulers:
             for skip in skips:
@@ -166,7 +200,6 @@ class SearchSpace:
                         out.append(Candidate(scheduler, steps, skip))
                 if recommender:
                     out += [Candidate(scheduler, None, skip, c) for c in self.confidences]
-            if caches:
-                out += [Candidate(scheduler, steps, None, None, cache) for cache in self.caches
-                        for steps in grid if steps >= self.skip_min_steps]
+            out += [Candidate(scheduler, steps, None, None, cache) for cache in self.caches
+                    if cache.kind in kinds for steps in grid if steps >= self.skip_min_steps]
         return list(dict.fromkeys(out))
