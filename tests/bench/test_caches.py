@@ -74,6 +74,8 @@ def test_a_busy_work_folder_is_refused(tmp_path):
         bench_caches(_toy(tmp_path, model=None), pipe=None, progress=False)
     with pytest.raises(StepsaverError, match="--render-only fills the render cache"):
         bench_caches(_toy(tmp_path, render_only=True, work=None), progress=False)
+    with pytest.raises(StepsaverError, match="two stages"):
+        bench_caches(_toy(tmp_path, render_only=True, score_only=True), progress=False)
 
 
 def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratios(tmp_path, monkeypatch):
@@ -117,6 +119,12 @@ def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratio
     bench_caches(cfg, out_dir=tmp_path, pipe=pipe, progress=False)
     assert len(calibrations) == 1 and order == []
     assert len(json.loads((tmp_path / "work" / "tiny-flux" / "magcache.json").read_text())) == 1
+    # --score-only scores every row (MACs: one render each) and times nothing
+    bench_caches(_toy(tmp_path, score_only=True, ours_thresholds=(), fbc_thresholds=(), taylorseer=(),
+                      pab_skips=(), fastercache_skips=(), fixed_intervals=()), out_dir=tmp_path, pipe=pipe,
+                 progress=False)
+    assert sorted(order) == ["full", "magcache", "plain"] and not (tmp_path / "caches.json").exists()
+    assert len(json.loads((tmp_path / "work" / "tiny-flux" / "scores.json").read_text())) == 3
 
 
 def _r(kind, speedup, psnr, lpips, method=None, iso_of=()):

@@ -147,6 +147,7 @@ class CachesBenchConfig:
     height: int | None = None  # None: the model's own size
     work: str | None = "runs/caches-bench"  # render cache (None: keep nothing)
     render_only: bool = False  # fill the render cache and stop: no timing, scores or report
+    score_only: bool = False  # fill the render and score caches and stop: no timing or report
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def call_kwargs(self) -> dict[str, Any]:
@@ -156,6 +157,10 @@ class CachesBenchConfig:
     def validate(self) -> None:
         if self.model is None and self.unet_model is None:
             raise StepsaverError("bench caches needs a model: --model (Flux half) or --unet-model (UNet half)")
+        if self.render_only and self.score_only:
+            raise StepsaverError("--render-only and --score-only are two stages; pick one")
+        if self.score_only and not self.work:
+            raise StepsaverError("--score-only fills the score cache: give --work")
         if self.render_only and not self.work:
             raise StepsaverError("--render-only fills the render cache: give --work")
         for name in ("n", "unet_n"):
@@ -480,7 +485,7 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         rows, mag = _run(cfg, pipe, unet_pipe, progress)
     finally:
         torch.set_num_threads(threads)
-    if cfg.render_only:
+    if cfg.render_only or cfg.score_only:
         return {"rows": [], "targets": {}, "seconds": time.perf_counter() - t0, "json": None, "md": None,
                 "plots": []}
     verdicts = cache_verdicts(rows)
@@ -623,6 +628,41 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
             iso_of.setdefault(iso, []).append(method.label)
         if cfg.render_only:
             return []
+        from stepsaver.measure.fid import features, fid_from_features
+
+        ref = images[full]
+        fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
+
+        def score(m: CacheMethod) -> dict[str, Any]:
+            same = m is full
+            macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
+                                       for i in range(cfg.macs_n)]) / cfg.macs_n
+            out = {"gmacs_per_image": macs / 1e9,
+                   "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
+                   "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
+            if cfg.fid:
+                if not same and "ref" not in fid_ref:
+                    fid_ref["ref"] = features(ref)
+                out["fid"] = 0.0 if same else fid_from_features(fid_ref["ref"], features(images[m]))
+            if scorer is not None:
+                out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
+            return out
+
+        def scores_of(m: CacheMethod) -> dict[str, Any]:
+            ratios = mag.get(m.steps)
+            key = json.dumps({"images": renders.folder(m, ratios), "reference": renders.folder(full, ratios),
+                              "n": len(prompts), "fid": cfg.fid, "adherence": scorer is not None,
+                              "macs_n": cfg.macs_n}, sort_keys=True)
+            return renders.scores(key, lambda: score(m))
+
+        # Scores first (cached per row), so a --score-only run fills them without the timing pass.
+        task = bar.add_task(f"{label} {steps} steps: scores", total=len(methods))
+        scores = {}
+        for m in methods:
+            scores[m] = scores_of(m)
+            bar.advance(task)
+        if cfg.score_only:
+            return []
         seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
         for m in methods:  # one untimed call each (allocations, lazy imports)
             _render(pipe, m, prompts[0], seeds[0], cfg, mag)
@@ -632,35 +672,13 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
                 seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
             bar.advance(task)
     median = {m: statistics.median(v) for m, v in seconds.items()}
-    ref = images[full]
-    from stepsaver.measure.fid import features, fid_from_features
-
-    fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
-    def score(m: CacheMethod) -> dict[str, Any]:
-        same = m is full
-        macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
-                                   for i in range(cfg.macs_n)]) / cfg.macs_n
-        out = {"gmacs_per_image": macs / 1e9, "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
-               "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
-        if cfg.fid:
-            if not same and "ref" not in fid_ref:
-                fid_ref["ref"] = features(ref)
-            out["fid"] = 0.0 if same else fid_from_features(fid_ref["ref"], features(images[m]))
-        if scorer is not None:
-            out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
-        return out
-
     rows = []
     for m in methods:
-        ratios = mag.get(m.steps)
-        key = json.dumps({"images": renders.folder(m, ratios), "reference": renders.folder(full, ratios),
-                          "n": len(prompts), "fid": cfg.fid, "adherence": scorer is not None,
-                          "macs_n": cfg.macs_n}, sort_keys=True)
-        scores = renders.scores(key, lambda m=m: score(m))
         peak = peak_memory_bytes(lambda m=m: _render(pipe, m, prompts[0], seeds[0], cfg, mag))
         rows.append({"model": label, "steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
-                     "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": scores["gmacs_per_image"],
+                     "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": scores[m]["gmacs_per_image"],
                      "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
-                     "speedup": median[full] / median[m], "psnr_db": scores["psnr_db"], "lpips": scores["lpips"],
-                     "fid": scores["fid"], "adherence": scores["adherence"], "iso_of": iso_of.get(m, [])})
+                     "speedup": median[full] / median[m], "psnr_db": scores[m]["psnr_db"],
+                     "lpips": scores[m]["lpips"], "fid": scores[m]["fid"], "adherence": scores[m]["adherence"],
+                     "iso_of": iso_of.get(m, [])})
     return rows

@@ -333,6 +333,9 @@ def bench_caches_cmd(
     work: Path = typer.Option(Path("runs/caches-bench"), "--work", help="Render cache (a killed run resumes)."),
     render_only: bool = typer.Option(False, "--render-only",
                                      help="Fill the render cache and stop (run each half in its own process)."),
+    score_only: bool = typer.Option(False, "--score-only",
+                                    help="Fill the render and score caches (FID, LPIPS, adherence, MACs) and stop; "
+                                         "the report run then only times."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Skip beside FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache and plain fewer steps (issue 19)."""
@@ -345,12 +348,14 @@ def bench_caches_cmd(
     none = lambda name: None if name.lower() == "none" else name  # noqa: E731
     cfg = CachesBenchConfig(model=none(model), n=n, calib_n=calib_n, time_n=min(time_n, n), steps=step_counts,
                             guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads,
-                            unet_model=none(unet_model), unet_n=unet_n, work=str(work), render_only=render_only)
+                            unet_model=none(unet_model), unet_n=unet_n, work=str(work), render_only=render_only,
+                            score_only=score_only)
     result = bench_caches(cfg, out_dir=out, progress=not as_json)
-    if render_only:
+    if render_only or score_only:
+        what = "renders" if render_only else "renders and scores"
         emit({"seconds": result["seconds"], "work": str(work)}, as_json,
-             f"bench caches: renders are in {work} ({result['seconds'] / 60:.1f} min); run again without "
-             "--render-only for the report")
+             f"bench caches: {what} are in {work} ({result['seconds'] / 60:.1f} min); run again without "
+             f"--{'render' if render_only else 'score'}-only for the report")
         return
     g3 = lambda key: lambda r: r[key] if not isinstance(r[key], float) else f"{r[key]:.3g}"  # noqa: E731
     emit_rows(result["rows"], [Col(c, g3(c)) for c in ("model", "steps", "method", "denoiser_calls", "speedup",
