@@ -102,3 +102,20 @@ def test_ssim_is_float64_where_labels_decide():
     assert ours.dtype == torch.float64 and (ours - reference).abs().max() < 1e-12
     assert (float32 - reference).abs().max() > 1e-8  # what float32 arithmetic used to cost
 
+
+
+def test_onnx_runtime_features_equal_torchscript_and_the_runtime_keys_the_cache(scenes, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("STEPSAVER_CACHE", str(tmp_path))
+    ort_net = fidmod.InceptionFeatures()
+    assert ort_net.backend == "onnxruntime"
+    monkeypatch.setenv("STEPSAVER_FID_BACKEND", "torch")
+    torch_net = fidmod.InceptionFeatures()
+    assert torch_net.backend == "torch"
+    x = fidmod.to_uint8_nchw(scenes[:3])
+    a, b = ort_net(x), torch_net(x)
+    assert a.shape == (3, 2048) and float((a - b).abs().max()) < 1e-4  # the same graph, another runtime
+    assert len(list(tmp_path.glob("fid/inception-*.onnx"))) == 1  # exported once, kept
+    monkeypatch.setenv("STEPSAVER_FID_BACKEND", "tensorflow")
+    with pytest.raises(StepsaverError, match="STEPSAVER_FID_BACKEND must be one of"):
+        fidmod.backend_name()

@@ -350,8 +350,9 @@ class _Renders:
         would redo it for rows whose images have not changed. ``key`` names both render folders
         (the row's and its full-step reference, which hash everything that decides the images)
         and the scoring settings, so a changed image or setting is scored again. Timing is never
-        cached: speedups are ratios of medians measured in the same run. The file sits in the
-        model's locked folder and is replaced atomically.
+        cached: speedups are ratios of medians measured in the same run. FID's runtime (ONNX
+        Runtime or TorchScript, features equal to 1e-4) is not part of the key. The file sits in
+        the model's locked folder and is replaced atomically.
         """
         if self.root is None:
             return compute()
