@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["check_output_file", "exclusive_folder", "read_json", "write_atomically"]
+__all__ = ["check_output_file", "exclusive_folder", "json_memo", "read_json", "write_atomically"]
 
 
 def check_output_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
@@ -95,3 +95,33 @@ def read_json(path: str | os.PathLike, what: str = "config", missing_hint: str =
         raise StepsaverError(f"{what} file {p} is not valid JSON (line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise StepsaverError(f"{what} file {p} cannot be read: {exc}") from None
+
+
+def json_memo(path: str | os.PathLike, key: str, compute: Callable[[], object]) -> object:
+    """The value stored under ``key`` in the JSON object at ``path``, computing and adding it if absent.
+
+    Why one helper: benchmarks memoise slow, deterministic results (calibrated ratios, quality
+    scores) across runs and processes. The file is re-read just before writing and the new entry
+    merged in (an entry another process wrote meanwhile wins, so two processes agree on one value),
+    then replaced atomically; a torn or unreadable file counts as empty, never as an error.
+    """
+    import json
+
+    path = Path(path)
+
+    def known() -> dict:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    found = known()
+    if key in found:
+        return found[key]
+    value = compute()
+    merged = known()
+    merged.setdefault(key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1, sort_keys=True)))
+    return merged[key]

@@ -265,25 +265,11 @@ def _magcache_ratios(work: Path | None, label: str, pipe: Any, prompts: Sequence
     if work is None:
         return compute()
     from stepsaver.calibrate.config import pipeline_fingerprint
-    from stepsaver.files import write_atomically
+    from stepsaver.files import json_memo
 
     key = json.dumps({"weights": pipeline_fingerprint(pipe), "steps": steps, "prompts": list(prompts),
                       "guidance": cfg.guidance, "call": repr(sorted(cfg.call_kwargs().items()))}, sort_keys=True)
-    path = work / label / "magcache.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        ratios = compute()
-        try:  # another process may have written meanwhile: keep its entries, and its ratios if it has these
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        known.setdefault(key, ratios)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1, sort_keys=True)))
-    return [float(v) for v in known[key]]
+    return [float(v) for v in json_memo(work / label / "magcache.json", key, compute)]
 
 
 def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesBenchConfig,
@@ -356,20 +342,9 @@ class _Renders:
         """
         if self.root is None:
             return compute()
-        from stepsaver.files import write_atomically
+        from stepsaver.files import json_memo
 
-        path = self.root / self.base["model"] / "scores.json"
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if key in known:
-            return known[key]
-        value = compute()
-        known[key] = value
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known, indent=1, sort_keys=True)))
-        return value
+        return json_memo(self.root / self.base["model"] / "scores.json", key, compute)
 
     @contextlib.contextmanager
     def lock(self, method: CacheMethod, mag: Sequence[float] | None, wait: bool) -> Iterator[bool]:
