@@ -91,7 +91,7 @@ def test_the_fixed_rule_reuses_whenever_warmup_and_cmax_allow(embedded_pipe):
         disable_adaptive_skip(embedded_pipe)
     assert report.skipped_steps(0) == report.skipped_steps(1) == [4, 5, 7, 8, 10, 11]
     assert [r.denoiser_calls for r in results] == [6, 6] and report.summary()["rule"] == "fixed"
-    for bad, match in ((dict(rule="every"), "rule must be one of criterion, fixed"),
+    for bad, match in ((dict(rule="every"), "rule must be one of criterion, fixed, drift"),
                        (dict(rule="fixed", compat=True), "drop compat=True")):
         with pytest.raises(StepsaverError, match=match):
             AdaptiveSkipConfig(**bad)

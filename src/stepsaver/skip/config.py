@@ -15,7 +15,7 @@ __all__ = ["MIN_WARMUP", "REUSES", "RULES", "SCALES", "AdaptiveSkipConfig"]
 
 SCALES = ("latent", "sigma")  # what D_j measures (see AdaptiveSkipConfig.scale)
 REUSES = ("output", "noise", "x0")  # what a skipped step reuses (see AdaptiveSkipConfig.reuse)
-RULES = ("criterion", "fixed")  # what decides a skip (see AdaptiveSkipConfig.rule)
+RULES = ("criterion", "fixed", "drift")  # what decides a skip (see AdaptiveSkipConfig.rule)
 
 MIN_WARMUP = 4  # D_1, D_2, D_3 exist once step 3 has run; the first decision is for step 4
 
@@ -65,6 +65,19 @@ class AdaptiveSkipConfig:
             It is the non-adaptive baseline at the same reuse machinery (DeepCache's and
             TaylorSeer's uniform interval, at the level of whole calls): the criterion has to beat
             it at equal calls to be worth its name. ``threshold`` is ignored.
+            ``"drift"``: reuse while the *estimated error of reusing*, relative to the output,
+            stays ``<= threshold``. At every computed step the hook also builds what reuse would
+            have returned there (the cached output re-expressed at this step, as a skip would) and
+            measures its relative error ``e = mean|fresh - reused| / mean|fresh|`` per sample;
+            ``e / gap`` (``gap`` = steps since that sample's previous call) is the error added per
+            reused step, and step ``m`` is skipped while ``rate * (m - last call) <= threshold``.
+            Why: with ``scale="sigma"`` and noise reuse a skipped step moves the latent at exactly
+            the cached speed, so after a skip the third-order test sees a straight line and nearly
+            always passes; C_max then decides, and the criterion acts as a fixed interval of
+            ``max_skips + 1`` (measured on both embedded models, docs/results/caches.md). The
+            drift rule only learns from computed outputs, so its skips follow how fast the
+            denoiser's output actually changes. Its threshold is a relative error (0.1 = 10%),
+            not the criterion's delta; ``max_skips`` still bounds a run.
     """
 
     threshold: float = 0.02
@@ -100,9 +113,9 @@ class AdaptiveSkipConfig:
             raise StepsaverError(f"reuse must be one of {', '.join(REUSES)}, got {self.reuse!r}")
         if self.rule not in RULES:
             raise StepsaverError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if self.rule == "fixed" and self.compat:
-            raise StepsaverError("compat mode reproduces the official criterion; the fixed rule has none "
-                                 "(drop compat=True or rule='fixed')")
+        if self.rule != "criterion" and self.compat:
+            raise StepsaverError(f"compat mode reproduces the official criterion; the {self.rule} rule is not it "
+                                 f"(drop compat=True or rule={self.rule!r})")
         if self.compat and self.warmup != MIN_WARMUP:
             raise StepsaverError(f"compat mode reproduces the official code, whose warmup is {MIN_WARMUP}; "
                                  f"got warmup={self.warmup}")

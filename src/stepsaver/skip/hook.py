@@ -126,6 +126,9 @@ class SkipReport:
     reuse: str = "output"
     unscaled: list[int] = field(default_factory=list)  # "sigma" scale: j of each D_j left in latent units
     rule: str = "criterion"
+    # rule="drift": per completed step, each sample's measured relative error of reusing the cache
+    # there (None where the sample skipped or nothing was cached yet)
+    drift: list[list[float | None]] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -154,11 +157,15 @@ class SkipReport:
         """Why a call saved nothing ('' when it saved some): the reason a user would look for."""
         if self.calls_saved:
             return ""
-        if self.max_skips == 0 or (self.threshold == 0 and self.rule == "criterion"):
+        if self.max_skips == 0 or (self.threshold == 0 and self.rule != "fixed"):
             return "calls saved 0 because threshold or max_skips is 0 (skipping off)"
         if self.steps <= self.warmup:
             return (f"calls saved 0 because {self.steps} steps <= warmup {self.warmup}: the first {self.warmup} "
                     "steps always run the denoiser")
+        if self.rule == "drift":
+            return (f"calls saved 0 because the measured error of reusing the cache never fell to the threshold "
+                    f"{self.threshold} after the {self.warmup} warm-up steps: few-step schedulers (LCM, Turbo, 4-8 "
+                    "steps) change the denoiser's output too much per step; raise the threshold or use more steps")
         return (f"calls saved 0 because no step after the {self.warmup} warm-up steps met the threshold "
                 f"{self.threshold}: few-step schedulers (LCM, Turbo, 4-8 steps) move the latent too much per step "
                 "for the third-order test; raise the threshold or use more steps")
@@ -204,6 +211,13 @@ class _SkipState(BaseState):
         self.unscaled: list[int] = []
         self.pipeline_calls = self.denoiser_calls = self.rows_requested = self.rows_computed = 0
         self.call_log: list[list[bool] | bool] = []  # per pipeline call: rows computed, per sample or for all
+        # rule="drift": this step's |fresh - would-be reuse| and |fresh| sums per sample (or one bucket),
+        # each sample's last computed step, and its error added per reused step (None until measured)
+        self.drift_num: dict[int, float] = {}
+        self.drift_den: dict[int, float] = {}
+        self.last_run: dict[int, int] = {}
+        self.drift_rate: dict[int, float] = {}
+        self.drift_errors: list[list[float | None]] = []  # per step: measured reuse error per sample (report)
 
     def release(self) -> None:
         self.cache, self.rebuild, self.cache_input, self.prev_latent = {}, {}, {}, None
@@ -295,6 +309,7 @@ class _Call:
     reused: Any = None
     index: Any = None
     skip: list[bool] = field(default_factory=list)
+    would: Any = None  # rule="drift", a computed call: what reusing the cache would have returned
 
 
 class SkipPolicy:
@@ -304,10 +319,13 @@ class SkipPolicy:
     sample lists, floats, or 0-dim tensors in compat mode), ``path`` (the decisions so far; ``None``
     = computed) and ``batch`` (the latents' batch). It returns one flag for the whole batch or a
     list with one flag per sample (``True`` = reuse). ``run(step, forward)`` makes one full network
-    call of step ``step``; the default just calls ``forward()``.
+    call of step ``step``; the default just calls ``forward()``. A policy with ``uses_drift`` also
+    gets ``drift``: per sample (or one value when not per sample) the estimated relative error of
+    reusing the cache at the next step, ``None`` where no computed step has measured it yet.
     """
 
     per_sample: bool = False
+    uses_drift: bool = False
 
     def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool | list[bool]:
         raise NotImplementedError
@@ -322,15 +340,24 @@ class CriterionPolicy(SkipPolicy):
     def __init__(self, config: AdaptiveSkipConfig) -> None:
         self.config = config
         self.per_sample = config.per_sample and not config.compat
+        self.uses_drift = config.rule == "drift"
 
-    def decide(self, diffs: list[Any], path: list[Any], batch: int) -> bool | list[bool]:
+    def decide(self, diffs: list[Any], path: list[Any], batch: int,
+               drift: list[float | None] | None = None) -> bool | list[bool]:
         cfg = self.config
-        if cfg.rule == "fixed":  # the non-adaptive baseline: reuse whenever warm-up and C_max allow
+        if cfg.rule in ("fixed", "drift"):
             def column(i: int) -> list[bool]:  # entries: None (computed), one flag, or a flag per sample
                 return [bool(e[i]) if isinstance(e, list) else bool(e) for e in path]
 
-            out = [len(path) >= cfg.warmup and consecutive_skips(column(i)) < cfg.max_skips
-                   for i in range(batch if self.per_sample else 1)]
+            def allowed(i: int) -> bool:
+                if len(path) < cfg.warmup or consecutive_skips(column(i)) >= cfg.max_skips:
+                    return False
+                if cfg.rule == "fixed":  # the non-adaptive baseline: reuse whenever warm-up and C_max allow
+                    return True
+                estimate = drift[i] if drift is not None and i < len(drift) else None
+                return cfg.threshold > 0 and estimate is not None and estimate <= cfg.threshold
+
+            out = [allowed(i) for i in range(batch if self.per_sample else 1)]
             return out if self.per_sample else out[0]
         if cfg.compat:
             return official_next_step_skipped(diffs, [bool(p) for p in path], cfg.threshold, cfg.max_skips)
@@ -452,7 +479,11 @@ class AdaptiveSkipHook(ModelHook):
                                       per_sample=self.config.per_sample)
                 state.diffs.append(self._scaled(d, level).tolist())
         state.prev_latent, state.prev_level = current, level
-        state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1))
+        if self.policy.uses_drift:
+            drift = self._drift_after_step()
+            state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1, drift=drift))
+        else:
+            state.path.append(self.policy.decide(state.diffs, state.path, state.batch or 1))
         self._publish()
 
     def _scaled(self, d: torch.Tensor, level: NoiseLevel | None) -> torch.Tensor:
@@ -524,6 +555,8 @@ class AdaptiveSkipHook(ModelHook):
             base.forward_args, base.forward_kwargs = args, kwargs
             base.plain = type(self.policy).run is SkipPolicy.run
             base.step = state.started - 1
+            if self.policy.uses_drift and cached is not None and cached.shape[0] == rows:
+                base.would = self._reused(state, position, first, args, kwargs)
             return base
         reused = self._reused(state, position, first, args, kwargs)
         if all(skip):
@@ -544,6 +577,8 @@ class AdaptiveSkipHook(ModelHook):
         if call.kind == "all":
             ran: list[bool] | bool = True
             main, state.rebuild[position] = split_output(out)
+            if call.would is not None:
+                self._measure_drift(main, call.would, None)
             state.cache[position] = main.detach().clone()
             if self._reuse_space() is not None and main.ndim > 1 and call.first.ndim > 1 and \
                     call.first.shape[1] >= main.shape[1]:
@@ -556,6 +591,8 @@ class AdaptiveSkipHook(ModelHook):
             ran = [not s for s in call.skip]
             main, _ = split_output(out)
             full = call.reused
+            if self.policy.uses_drift:
+                self._measure_drift(main, full[call.index], [i for i, s in enumerate(call.skip) if not s])
             full[call.index] = main.to(full.dtype)
             state.cache[position] = full
             if position in state.cache_input:  # every row is now expressed at this step: its input and level
@@ -566,6 +603,50 @@ class AdaptiveSkipHook(ModelHook):
         state.call_log.append(ran)
         state.step_ran[-1] = _union(state.step_ran[-1], ran)
         return out
+
+    def _measure_drift(self, fresh: torch.Tensor, would: torch.Tensor, samples: list[int] | None) -> None:
+        """Add this call's reuse error to the step's per-sample sums (``samples``: who ran; ``None``: all).
+
+        Rows are ``k`` copies of the computing samples, copy-major (how ``_open`` slices them), so
+        sample ``i`` owns rows ``i, i + n, ...``; a batch that does not split that way, or a shared
+        path, goes into one bucket (key ``-1``).
+        """
+        state = self.state
+        err = (fresh.detach().float() - would.float()).abs()
+        size = fresh.detach().float().abs()
+        n = len(samples) if samples is not None else (state.batch or 1)
+        keys = samples if samples is not None else list(range(n))
+        if not self.policy.per_sample or err.ndim == 0 or err.shape[0] % n:
+            buckets = [(-1, err.sum(), size.sum())]
+        else:
+            e, m = err.reshape(err.shape[0] // n, n, -1), size.reshape(size.shape[0] // n, n, -1)
+            buckets = [(k, e[:, j].sum(), m[:, j].sum()) for j, k in enumerate(keys)]
+        for key, num, den in buckets:
+            state.drift_num[key] = state.drift_num.get(key, 0.0) + float(num)
+            state.drift_den[key] = state.drift_den.get(key, 0.0) + float(den)
+
+    def _drift_after_step(self) -> list[float | None]:
+        """Close the step for rule="drift": update each sample's error rate; the estimate for the next step."""
+        state = self.state
+        j = len(state.path) - 1  # the step that just completed
+        per_sample = self.policy.per_sample
+        keys = list(range(state.batch or 1)) if per_sample else [-1]
+        ran = state.step_ran[-1] if state.step_ran else True
+        measured: list[float | None] = []
+        for key in keys:
+            ran_here = ran if isinstance(ran, bool) else (ran[key] if key >= 0 else any(ran))
+            num = state.drift_num.get(key, state.drift_num.get(-1))
+            den = state.drift_den.get(key, state.drift_den.get(-1))
+            error = num / den if num is not None and den and math.isfinite(num / den) else None
+            measured.append(error if ran_here else None)
+            if not ran_here:
+                continue
+            if error is not None and key in state.last_run and j > state.last_run[key]:
+                state.drift_rate[key] = error / (j - state.last_run[key])
+            state.last_run[key] = j
+        state.drift_errors.append(measured)
+        state.drift_num, state.drift_den = {}, {}
+        return [state.drift_rate[k] * (j + 1 - state.last_run[k]) if k in state.drift_rate else None for k in keys]
 
     def _reuse_space(self) -> str | None:
         """``"eps"`` or ``"x0"`` when reused outputs must be re-expressed at the new step, else ``None`` (raw).
@@ -632,7 +713,8 @@ class AdaptiveSkipHook(ModelHook):
                           denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
                           rows_computed=state.rows_computed, sample_calls=[sum(r) for r in ran],
                           sample_saved=[len(r) - sum(r) for r in ran], scale=cfg.scale,
-                          reuse=cfg.reuse, unscaled=list(state.unscaled), rule=cfg.rule)
+                          reuse=cfg.reuse, unscaled=list(state.unscaled), rule=cfg.rule,
+                          drift=[list(row) for row in state.drift_errors])
 
     def _publish(self) -> None:
         pipe = self._pipe()
