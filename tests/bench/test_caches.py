@@ -13,6 +13,7 @@ from tests import helpers
 
 def _toy(tmp_path, **kw):
     return CachesBenchConfig(**{**dict(n=2, calib_n=1, time_n=1, steps=(6,), ours_thresholds=(0.05, 0.5),
+                                       drift_thresholds=(100.0,), drift_max_skips=2,
                                        fbc_thresholds=(0.2,), magcache_thresholds=(0.1,), taylorseer=((2, 1),),
                                        pab_skips=(2,), fastercache_skips=(2,), deepcache_intervals=(3,),
                                        fixed_intervals=(2,), plain_fractions=(0.5,), fid=False, adherence=False,
@@ -29,22 +30,25 @@ def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
     result = bench_caches(cfg, out_dir=tmp_path, pipe=helpers.build_flux(), unet_pipe=unet, progress=False)
     flux = [r for r in result["rows"] if r["model"] == "tiny-flux"]
     kinds = [r["kind"] for r in flux]
-    assert set(kinds) == {"full", "plain", "ours", "fixed", "fbc", "magcache", "taylorseer", "pab", "fastercache",
-                          "iso"}
+    assert set(kinds) == {"full", "plain", "ours", "drift", "fixed", "fbc", "magcache", "taylorseer", "pab",
+                          "fastercache", "iso"}
     by = {r["method"]: r for r in flux}
     full = by["full"]
     assert full["denoiser_calls"] == 12 and full["speedup"] == 1.0  # true CFG: two transformer calls a step
     assert by["ours (threshold=0.5)"]["denoiser_calls"] < 12  # ours skips whole calls
     assert by["FirstBlockCache (threshold=0.2)"]["denoiser_calls"] == 12  # a block cache calls every step
     assert by["fixed interval (interval=2)"]["denoiser_calls"] == 10  # warm-up 4 steps, then steps 5 of 6: 2 x 5
+    # a huge threshold reuses whenever C_max allows: steps 4 and 5 of 6 skipped, 2 x 4 calls
+    assert by["ours, drift rule (threshold=100, max_skips=2)"]["denoiser_calls"] == 8
     assert all(r["gmacs_per_image"] > 0 and r["median_latency_ms"] > 0 for r in result["rows"])
     assert any("ours (threshold=0.5)" in r["iso_of"] for r in flux if r["kind"] == "iso")
     # The UNet half: only what runs on a UNet, with its own verdicts.
-    assert {r["kind"] for r in result["rows"] if r["model"] == "sd15"} <= {"full", "plain", "ours", "fixed", "iso",
-                                                                          "pab", "deepcache"}
+    assert {r["kind"] for r in result["rows"] if r["model"] == "sd15"} <= {"full", "plain", "ours", "drift", "fixed",
+                                                                          "iso", "pab", "deepcache"}
     assert {"pab", "deepcache", "fixed"} <= {r["kind"] for r in result["rows"] if r["model"] == "sd15"}
     payload = json.loads((tmp_path / "caches.json").read_text())
-    assert len(payload["magcache_ratios"]["6"]) == 6 and {"steps_6", "sd15_steps_6"} <= set(payload["targets"])
+    assert len(payload["magcache_ratios"]["6"]) == 6
+    assert {"steps_6", "sd15_steps_6", "steps_6_drift"} <= set(payload["targets"])
     assert (tmp_path / "caches.png").stat().st_size > 0 and "## Targets" in (tmp_path / "caches.md").read_text()
     # A second run on the same work folder renders no image again and scores no row again (only
     # timing and memory call the pipeline), and gets the same quality numbers.
@@ -86,7 +90,7 @@ def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratio
     from stepsaver.files import exclusive_folder
 
     cfg = _toy(tmp_path, render_only=True, ours_thresholds=(), fbc_thresholds=(), taylorseer=(), pab_skips=(),
-               fastercache_skips=(), fixed_intervals=())
+               fastercache_skips=(), fixed_intervals=(), drift_thresholds=())
     pipe = helpers.build_flux()
     calibrations = []
     real = caches.calibrate_magcache
@@ -121,8 +125,8 @@ def test_render_only_runs_share_a_model_folder_by_folder_and_keep_magcache_ratio
     assert len(json.loads((tmp_path / "work" / "tiny-flux" / "magcache.json").read_text())) == 1
     # --score-only scores every row (MACs: one render each) and times nothing
     bench_caches(_toy(tmp_path, score_only=True, ours_thresholds=(), fbc_thresholds=(), taylorseer=(),
-                      pab_skips=(), fastercache_skips=(), fixed_intervals=()), out_dir=tmp_path, pipe=pipe,
-                 progress=False)
+                      pab_skips=(), fastercache_skips=(), fixed_intervals=(), drift_thresholds=()), out_dir=tmp_path,
+                 pipe=pipe, progress=False)
     assert sorted(order) == ["full", "magcache", "plain"] and not (tmp_path / "caches.json").exists()
     assert len(json.loads((tmp_path / "work" / "tiny-flux" / "scores.json").read_text())) == 3
 
@@ -143,6 +147,12 @@ def test_verdicts_compare_at_equal_or_greater_speedup_and_against_iso_cost():
     rows = [_r("ours", 2.0, 35.0, 0.02, "ours a"), _r("iso", 2.0, 36.0, 0.01, "iso 14", iso_of=["ours a"])]
     assert cache_verdicts(rows)["steps_28"]["iso_losses"] == ["ours a vs iso 14"]
     assert cache_verdicts([_r("ours", 4.0, 30.0, 0.1)])["steps_28"]["holds"] is None  # outside the band
+    # The drift rule gets its own verdict against the same rivals; the criterion's is unchanged by it.
+    rows = [_r("ours", 2.0, 35.0, 0.02, "ours a"), _r("drift", 2.0, 38.0, 0.012, "drift a"),
+            _r("fixed", 2.1, 37.0, 0.015)]
+    v = cache_verdicts(rows)
+    assert v["steps_28"]["holds"] is False and v["steps_28_drift"]["holds"] is True
+    assert "drift rule" in v["steps_28_drift"]["text"] and "steps_28_drift" not in cache_verdicts(rows[:1])
 
 
 def test_a_model_without_cache_mixin_is_refused_with_the_reason():

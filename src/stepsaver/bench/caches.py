@@ -9,6 +9,8 @@ they do), and is compared with the full-step images of the same scheduler, at ea
 * **ours**: the Skip hook (:func:`stepsaver.skip.enable_adaptive_skip`), a threshold sweep;
 * **fixed interval k**: the same hook with ``rule="fixed"``, one call every ``k`` steps after the
   warm-up: the non-adaptive baseline the criterion must beat at equal speed;
+* **ours, drift rule**: the same hook with ``rule="drift"`` (reuse while the measured error of
+  reusing stays under the threshold), a threshold sweep; judged like ours, in its own verdicts;
 * diffusers' caches through ``pipe.transformer.enable_cache``: **FirstBlockCache** (threshold
   sweep), **MagCache** (its ``mag_ratios`` measured by its own ``calibrate`` mode on calibration
   prompts from the *training* split, disjoint from the eval captions), **TaylorSeer** (cache
@@ -61,11 +63,13 @@ __all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcac
 
 SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
 DIFFUSERS_CACHES = tuple(CACHE_KINDS)
-NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "fixed": "fixed interval",
+NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "drift": "ours, drift rule",
+         "fixed": "fixed interval",
          "deepcache": "DeepCache", **CACHE_KINDS}
 # The methods ours must beat at equal or greater speedup: every cache, and our own hook with a fixed
 # interval instead of the criterion (the non-adaptive baseline at the same reuse machinery).
 RIVALS = (*DIFFUSERS_CACHES, "deepcache", "fixed")
+OURS = ("ours", "drift")  # our hook's adaptive rules: the default criterion, and the drift rule
 COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms",
            "speedup", "psnr_db", "lpips", "fid", "adherence"]
 
@@ -74,7 +78,7 @@ COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "pea
 class CacheMethod:
     """One way to render at ``steps``: plain steps, our hook, or one diffusers cache with its knobs."""
 
-    kind: str  # "full" | "plain" | "iso" | "ours" | "fixed" | "deepcache" | one of DIFFUSERS_CACHES
+    kind: str  # "full" | "plain" | "iso" | "ours" | "drift" | "fixed" | "deepcache" | one of DIFFUSERS_CACHES
     steps: int
     knobs: tuple[tuple[str, Any], ...] = ()
 
@@ -96,12 +100,15 @@ class CacheMethod:
     @contextlib.contextmanager
     def applied(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
         """Attach the method for the block and take it off again, whatever happens inside."""
-        if self.kind in ("ours", "fixed"):
+        if self.kind in ("ours", "drift", "fixed"):
             from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
 
             knobs = dict(self.knobs)
-            enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=knobs["threshold"]) if self.kind == "ours"
-                                 else AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1))
+            config = {"ours": lambda: AdaptiveSkipConfig(threshold=knobs["threshold"]),
+                      "drift": lambda: AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"],
+                                                          max_skips=knobs["max_skips"]),
+                      "fixed": lambda: AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1)}[self.kind]
+            enable_adaptive_skip(pipe, config())
             try:
                 yield
             finally:
@@ -132,6 +139,8 @@ class CachesBenchConfig:
     seed: int = 0
     prompt_seed: int = 0
     ours_thresholds: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    drift_thresholds: tuple[float, ...] = (0.06, 0.1, 0.15)  # rule="drift" (relative reuse error)
+    drift_max_skips: int = 6
     fbc_thresholds: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     magcache_thresholds: tuple[float, ...] = (0.03, 0.06, 0.12)
     taylorseer: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (3, 2), (5, 1))
@@ -188,6 +197,8 @@ class CachesBenchConfig:
         rows = [CacheMethod("full", steps)]
         rows += [CacheMethod("plain", steps, (("steps", max(2, round(steps * f))),)) for f in self.plain_fractions]
         rows += [CacheMethod("ours", steps, (("threshold", t),)) for t in self.ours_thresholds]
+        rows += [CacheMethod("drift", steps, (("threshold", t), ("max_skips", self.drift_max_skips)))
+                 for t in self.drift_thresholds]
         rows += [CacheMethod("fixed", steps, (("interval", k),)) for k in self.fixed_intervals]
         sweeps = {"fbc": [(("threshold", t),) for t in self.fbc_thresholds],
                   "magcache": [(("threshold", t),) for t in self.magcache_thresholds],
@@ -391,11 +402,13 @@ def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
             where = f"{model + ', ' if len(models) > 1 else ''}{steps} steps"
             key = f"steps_{steps}" if model == models[0] else f"{model}_steps_{steps}"
             out[key] = _verdict(at, where)
+            if any(r["kind"] == "drift" for r in at):
+                out[f"{key}_drift"] = _verdict(at, f"{where}, drift rule", "drift")
     return out
 
 
-def _verdict(at: Sequence[dict], where: str) -> dict[str, Any]:
-    ours = [r for r in at if r["kind"] == "ours" and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
+def _verdict(at: Sequence[dict], where: str, kind: str = "ours") -> dict[str, Any]:
+    ours = [r for r in at if r["kind"] == kind and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
     caches = [r for r in at if r["kind"] in RIVALS]
     losses, iso_losses = [], []
     for o in ours:
@@ -428,12 +441,12 @@ def _pareto_plot(out: Path, rows: Sequence[dict]) -> Path:
                              squeeze=False)
     for axrow, model in zip(axes, models, strict=True):
         for ax, n in zip(axrow, steps, strict=True):
-            for kind in ("plain", "ours", *RIVALS):
+            for kind in ("plain", *OURS, *RIVALS):
                 pts = sorted((r["speedup"], r["psnr_db"]) for r in rows if r["steps"] == n and r["kind"] == kind
                              and r.get("model", "") == model and r["psnr_db"] is not None)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o" if kind == "ours" else ".", ms=5,
-                            lw=2.0 if kind == "ours" else 1.0, label=NAMES[kind])
+                    ax.plot(*zip(*pts, strict=True), marker="o" if kind in OURS else ".", ms=5,
+                            lw=2.0 if kind in OURS else 1.0, label=NAMES[kind])
             ax.axvspan(*SPEEDUP_RANGE, color="grey", alpha=0.08)
             ax.set(xlabel="speedup vs full steps (median latency ratio)", ylabel="PSNR vs the full-step image (dB)")
             ax.set_title(f"{model} — {n} steps" if model else f"{n} steps", fontsize=9)
@@ -595,7 +608,7 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
         full = methods[0]
         per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
         iso_of: dict[CacheMethod, list[str]] = {}
-        for method in [m for m in methods if m.kind == "ours"]:
+        for method in [m for m in methods if m.kind in OURS]:
             n_iso = max(2, min(steps, round(np.mean(calls[method]) / per_step)))
             iso = CacheMethod("iso", steps, (("steps", n_iso),))
             if iso not in images:
