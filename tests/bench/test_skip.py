@@ -39,7 +39,8 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     payload = json.loads((tmp_path / "skip.json").read_text())
     keys = [r["key"] for r in payload["rows"]]
     assert keys == ["full", "ours", "ours_batch", "paper", "compat", "full_compiled", "ours_compiled",
-                    "deepcache_2", "deepcache_3", "deepcache_5", "fixed_2", "fixed_3", "fixed_5", "iso"]
+                    "deepcache_2", "deepcache_3", "deepcache_5", "fixed_2", "fixed_3", "fixed_5", "drift_0.1",
+                    "drift_0.15", "iso"]
     for row in payload["rows"]:
         assert set(COLUMNS) <= set(row)
         assert row["denoiser_calls"] <= 6 and row["gmacs_per_image"] > 0 and row["median_latency_ms"] > 0
@@ -53,20 +54,22 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     # fixed interval: 4 warm-up calls, then one every k steps (6 steps: k=2 -> step 5 runs; k>=3 -> none)
     assert [by_key[f"fixed_{k}"]["denoiser_calls"] for k in (2, 3, 5)] == [5, 4, 4]
     sweep = payload["scheduler_sweep"]
-    assert [r["method"][:3] for r in sweep] == ["our", "iso", "pap"] * 2  # per scheduler: ours, its iso-cost, paper
-    assert [r["scheduler"] for r in sweep] == ["ddim"] * 3 + ["heun"] * 3
-    assert sweep[3]["full_calls"] == 11  # heun is second-order: 2N - 1 calls in N steps
+    # per scheduler: ours, its iso-cost, paper, the drift rule, its iso-cost
+    assert [r["method"][:3] for r in sweep] == ["our", "iso", "pap", "dri", "iso"] * 2
+    assert [r.get("iso_of") for r in sweep[:5]] == [None, "ours", None, None, "drift"]
+    assert [r["scheduler"] for r in sweep] == ["ddim"] * 5 + ["heun"] * 5
+    assert sweep[5]["full_calls"] == 11  # heun is second-order: 2N - 1 calls in N steps
     assert dc5["gmacs_per_image"] < full["gmacs_per_image"]  # DeepCache's saving shows in MACs
     assert len(payload["ablation_grid"]) == 4 and len(payload["ablation_steps"]) == 2
     assert {"beats_iso", "iso_steps", "iso_psnr_db"} <= set(payload["ablation_grid"][0])
     assert len(payload["oracle"]["prompts"]) == 1 and "p_value" in payload["oracle"]["chi2"]
     assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_fixed_ddim",
-                                       "beats_iso_ddim", "scheduler_sweep"}
+                                       "beats_iso_ddim", "scheduler_sweep", "scheduler_sweep_drift"}
     md = (tmp_path / "skip.md").read_text()
     assert "**Target 1 (DDIM, 6 steps" in md and "**Target 2 (ddim" in md and "**Target 3 (ddim" in md
     assert "**Target 4 (ddim" in md
     assert "## Ablation: delta x C_max" in md and "## Oracle vs estimator" in md
-    assert "## Every scheduler" in md and "**Scheduler sweep" in md
+    assert "## Every scheduler" in md and "**Scheduler sweep" in md and "**Scheduler sweep, drift rule" in md
     for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png", "skip-schedulers.png"):
         assert (tmp_path / name).stat().st_size > 0 and name in md
     assert result["md"] == str(tmp_path / "skip.md")

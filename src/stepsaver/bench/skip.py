@@ -59,6 +59,8 @@ MAX_SKIPS_GRID = (2, 3, 4, 6)
 ABLATION_STEPS = (50, 25, 15, 10)
 DEEPCACHE_INTERVALS = (2, 3, 5)
 FIXED_INTERVALS = (2, 3, 5)  # rule="fixed": one call every k steps after the warm-up
+DRIFT_THRESHOLDS = (0.1, 0.15)  # rule="drift": relative reuse error (training-split tuning: 0.1-0.16 on tiny)
+DRIFT_MAX_SKIPS = 6
 SWEEP_STEPS = (30, 50)
 SWEEP_CALLS_TARGET, SWEEP_PSNR_TARGET = 1.5, 35.0  # issue 17, item 9: every scheduler, 30 and 50 steps
 CALLS_TARGET, SPEEDUP_TARGET, PSNR_TARGET = 2.0, 1.8, 26.0
@@ -152,6 +154,8 @@ class SkipBenchConfig:
     max_skips_grid: tuple[int, ...] = MAX_SKIPS_GRID
     deepcache_intervals: tuple[int, ...] = DEEPCACHE_INTERVALS
     fixed_intervals: tuple[int, ...] = FIXED_INTERVALS
+    drift_thresholds: tuple[float, ...] = DRIFT_THRESHOLDS  # main-table rows; the sweep runs the first
+    drift_max_skips: int = DRIFT_MAX_SKIPS
     threshold: float = AdaptiveSkipConfig.threshold
     max_skips: int = AdaptiveSkipConfig.max_skips
     batch: int = 8
@@ -566,6 +570,8 @@ def _main_methods(cfg: SkipBenchConfig) -> list[tuple[str, str, Method]]:
              for k in cfg.deepcache_intervals]
     rows += [(f"fixed_{k}", f"fixed interval {k} (our hook, no criterion)",
               Method("skip", s, 0.0, k - 1, rule="fixed")) for k in cfg.fixed_intervals]
+    rows += [(f"drift_{t:g}", f"ours, drift rule (threshold={t:g}, C_max={cfg.drift_max_skips})",
+              Method("skip", s, t, cfg.drift_max_skips, rule="drift")) for t in cfg.drift_thresholds]
     return rows
 
 
@@ -699,16 +705,19 @@ def _sweep(bench: _Bench) -> list[dict]:
             methods = [("ours", Method("skip", steps, cfg.threshold, cfg.max_skips, batch=b)),
                        ("paper", Method("skip", steps, 0.01, cfg.max_skips, batch=b, scale="latent",
                                         reuse="output"))]
+            if cfg.drift_thresholds:
+                methods.append(("drift", Method("skip", steps, cfg.drift_thresholds[0], cfg.drift_max_skips,
+                                                batch=b, rule="drift")))
             for key, method in methods:
                 q = _quality(bench.renders(method, m, f"sweep {key} {steps}"), full)
                 rows.append({"scheduler": scheduler, "steps": steps, "method": key, "full_calls": full_calls,
                              "denoiser_calls": q["denoiser_calls"], "call_reduction": full_calls / q["denoiser_calls"],
                              "psnr_db": q["psnr_db"], "psnr_min_db": q["psnr_min_db"], "lpips": q["lpips"]})
-                if key == "ours":
+                if key in ("ours", "drift"):
                     n_iso = _iso_steps(q["denoiser_calls"], scheduler, steps)
                     iso = _quality(bench.renders(Method("plain", n_iso, batch=b), m, f"sweep iso {n_iso}"), full)
                     rows.append({"scheduler": scheduler, "steps": steps, "method": f"iso-cost {n_iso} steps",
-                                 "full_calls": full_calls, "denoiser_calls": iso["denoiser_calls"],
+                                 "iso_of": key, "full_calls": full_calls, "denoiser_calls": iso["denoiser_calls"],
                                  "call_reduction": full_calls / iso["denoiser_calls"], "psnr_db": iso["psnr_db"],
                                  "psnr_min_db": iso["psnr_min_db"], "lpips": iso["lpips"]})
     for r in rows:
@@ -716,16 +725,22 @@ def _sweep(bench: _Bench) -> list[dict]:
     return rows
 
 
-def _sweep_verdict(rows: Sequence[dict]) -> dict[str, Any]:
-    """Issue 17, item 9: ours >= 1.5x fewer calls at PSNR >= 35 dB on every swept scheduler and step count."""
-    ours = [r for r in rows if r["method"] == "ours"]
+def _sweep_verdict(rows: Sequence[dict], method: str = "ours") -> dict[str, Any]:
+    """Issue 17, item 9: ours >= 1.5x fewer calls at PSNR >= 35 dB on every swept scheduler and step count.
+
+    ``method="drift"`` judges the drift rule's sweep rows the same way (against the criterion's
+    own iso-cost row of the cell: plain steps at its calls).
+    """
+    ours = [r for r in rows if r["method"] == method]
     failing = [f"{r['scheduler']}@{r['steps']} ({r['call_reduction']:.2f}x, {r['psnr_db']:.1f} dB)"
                for r in ours if not r["meets_target"]]
     beaten = [f"{r['scheduler']}@{r['steps']}" for r in ours
               if (iso := next((i for i in rows if i["scheduler"] == r["scheduler"] and i["steps"] == r["steps"]
-                               and i["method"].startswith("iso")), None)) and iso["psnr_db"] >= r["psnr_db"]]
+                               and i.get("iso_of", "ours") == method and i["method"].startswith("iso")), None))
+              and iso["psnr_db"] >= r["psnr_db"]]
     holds = bool(ours) and not failing
-    text = (f"**Scheduler sweep (>= {SWEEP_CALLS_TARGET:g}x fewer calls at PSNR >= {SWEEP_PSNR_TARGET:g} dB on "
+    who = "" if method == "ours" else f", {method} rule"
+    text = (f"**Scheduler sweep{who} (>= {SWEEP_CALLS_TARGET:g}x fewer calls at PSNR >= {SWEEP_PSNR_TARGET:g} dB on "
             f"every scheduler and step count): {'holds' if holds else 'does not hold'}** — "
             f"{len(ours) - len(failing)} of {len(ours)} cells meet it"
             + (f"; failing: {', '.join(failing)}" if failing else "") + ". "
@@ -780,6 +795,7 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
         if r["psnr_db"] is None:
             continue
         marker = "x" if r["key"].startswith("deepcache") else "+" if r["key"].startswith("fixed_") else \
+            "*" if r["key"].startswith("drift_") else \
             markers.get(r["key"], ".")
         ax.scatter(r["speedup"], r["psnr_db"], marker=marker, color=colours.get(r["scheduler"]), s=40)
         ax.annotate(r["key"].replace("deepcache_", "DC"), (r["speedup"], r["psnr_db"]), fontsize=6,
@@ -866,7 +882,7 @@ def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
 
     steps = sorted({r["steps"] for r in sweep})
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4.2), dpi=120, squeeze=False)
-    styles = {"ours": ("o", "C0"), "paper": ("^", "C1"), "iso": ("D", "C2")}
+    styles = {"ours": ("o", "C0"), "paper": ("^", "C1"), "drift": ("s", "C3"), "iso": ("D", "C2")}
     for ax, n in zip(axes[0], steps, strict=True):
         for r in (r for r in sweep if r["steps"] == n):
             marker, colour = styles["iso" if r["method"].startswith("iso") else r["method"]]
@@ -875,7 +891,8 @@ def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
                 ax.annotate(r["scheduler"], (r["call_reduction"], r["psnr_db"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         for name, (marker, colour) in styles.items():
-            ax.scatter([], [], marker=marker, color=colour, label={"iso": "iso-cost plain steps"}.get(name, name))
+            label = {"iso": "iso-cost plain steps", "drift": "ours, drift rule"}.get(name, name)
+            ax.scatter([], [], marker=marker, color=colour, label=label)
         ax.axhline(SWEEP_PSNR_TARGET, color="grey", lw=0.8, ls="--")
         ax.axvline(SWEEP_CALLS_TARGET, color="grey", lw=0.8, ls="--")
         ax.set(xlabel="fewer denoiser calls than the full run (x)", ylabel="PSNR vs the full run (dB)",
@@ -934,6 +951,8 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     verdicts = targets(rows, grid, cfg.steps)
     if sweep:
         verdicts["scheduler_sweep"] = _sweep_verdict(sweep)
+        if any(r["method"] == "drift" for r in sweep):
+            verdicts["scheduler_sweep_drift"] = _sweep_verdict(sweep, "drift")
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(out, rows, grid, oracle, cfg) + (_sweep_plot(out, sweep) if sweep else [])
     elapsed = time.perf_counter() - t0
