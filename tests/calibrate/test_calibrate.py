@@ -25,12 +25,13 @@ from stepsaver.calibrate.search import _frontier
 from stepsaver.cli import app
 from stepsaver.errors import StepsaverError
 from stepsaver.files import exclusive_folder
+from stepsaver.skip import AdaptiveSkipConfig
 from tests.helpers import build_sd15
 
 PROMPTS = [f"a {c} {o} on a {b} background" for c in ("red", "blue", "green") for o in ("cat", "apple")
            for b in ("white", "black")]  # 12
 SMALL = SearchSpace(steps=(3, 5, 8, 12), skip_thresholds=(0.05, 0.5), skip_max=(4,), skip_min_steps=8,
-                    confidences=(), caches=())
+                    confidences=(), caches=(), drift_thresholds=())
 KW = dict(height=32, width=32, reference_steps=12, screen=4, batch_size=4)
 
 
@@ -115,7 +116,8 @@ def test_calibrate_chooses_the_cheapest_confident_setting_and_validates_it(pipe,
 def test_screening_prunes_the_cheaper_settings_of_a_hopeless_line(pipe, tmp_path):
     with pytest.raises(StepsaverError, match="closest was own, 6 steps") as err:
         calibrate(pipe, PROMPTS, "psnr>=99", space=SearchSpace(steps=(2, 3, 4, 6, 12), skip_thresholds=(),
-                                                               fixed_skips=False, confidences=(), caches=()),
+                                                               fixed_skips=False, confidences=(), caches=(),
+                                                               drift_thresholds=()),
                   work=tmp_path / "w", **KW)
     assert "loosen the tolerance" in str(err.value)
     # only the line's best (6 steps) was rendered on the screen: 4, 3 and 2 steps were pruned unrendered
@@ -139,7 +141,8 @@ class FakeRecommender:
 
 
 def test_the_recommender_reuses_the_fixed_step_renders(pipe, tmp_path):
-    space = SearchSpace(steps=(5, 12), skip_thresholds=(), fixed_skips=False, confidences=(0.5, 0.9), caches=())
+    space = SearchSpace(steps=(5, 12), skip_thresholds=(), fixed_skips=False, confidences=(0.5, 0.9), caches=(),
+                        drift_thresholds=())
     labels = [{"prompt": p, "seed": s, "label": 10 if "cat" in p else 20 + 10 * s} for p in PROMPTS for s in (0, 1)]
     res = calibrate(pipe, PROMPTS, "lpips<=0.5", space=space, recommender=FakeRecommender(), work=tmp_path / "w",
                     labels=labels, **KW)
@@ -205,6 +208,19 @@ def test_fixed_interval_skip_and_unet_pab_are_in_the_space_and_run_from_a_config
     assert fixed.to_dict()["skip"] == {"rule": "fixed", "max_skips": 2} and "fixed" in fixed.label
     assert Candidate.from_dict(json.loads(json.dumps(fixed.to_dict()))) == fixed  # no Infinity in the file
     assert skip_config(fixed.skip).rule == "fixed"
+    # the drift rule: its own slot, written with its rule, never ordered against the criterion's thresholds
+    from stepsaver.calibrate.search import no_better_than
+    from stepsaver.calibrate.space import DRIFT
+
+    drift = Candidate("own", 8, (0.15, 6, DRIFT))
+    assert drift in found and Candidate("own", 12, (0.08, 6, DRIFT)) in found
+    assert drift.to_dict()["skip"] == {"rule": "drift", "threshold": 0.15, "max_skips": 6} and "drift" in drift.label
+    assert Candidate.from_dict(json.loads(json.dumps(drift.to_dict()))) == drift
+    assert skip_config(drift.skip) == AdaptiveSkipConfig(rule="drift", threshold=0.15, max_skips=6)
+    assert no_better_than(drift, Candidate("own", 8, (0.08, 6, DRIFT)))
+    assert not no_better_than(drift, Candidate("own", 8, (0.05, 2))) and not no_better_than(fixed, drift)
+    with pytest.raises(StepsaverError, match="cannot read a calibrated setting"):
+        Candidate.from_dict({"steps": 8, "skip": {"rule": "wobble", "threshold": 0.1, "max_skips": 2}})
     # a saved fixed-interval config runs that rule
     back = load_calibrated(_config(pipe, candidate=fixed).save(tmp_path / "fixed.json"))
     p = copy.deepcopy(pipe)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from stepsaver.calibrate.config import CalibratedConfig, pipeline_fingerprint
-from stepsaver.calibrate.space import OWN, Candidate, RenderKey, SearchSpace, skip_config
+from stepsaver.calibrate.space import OWN, Candidate, RenderKey, SearchSpace, skip_config, skip_rule
 from stepsaver.calibrate.tolerance import Tolerance, parse_tolerance
 from stepsaver.errors import StepsaverError
 from stepsaver.files import exclusive_folder, write_atomically
@@ -400,8 +400,10 @@ def no_better_than(c: Candidate, h: Candidate) -> bool:
     """Whether ``c`` is expected to be at most as good as ``h`` (so a hopeless ``h`` prunes ``c``).
 
     Assumed orders, each the way the knob trades quality for cost: fewer steps; Skip on, a higher
-    threshold or a larger C_max; a cache on; a lower recommender confidence. Plain steps are at
-    least as good as any Skip or cache setting at the same or fewer steps.
+    threshold or a larger C_max (the criterion and the fixed rule are one family, the fixed rule
+    above every threshold; the drift rule is ordered only against itself); a cache on; a lower
+    recommender confidence. Plain steps are at least as good as any Skip or cache setting at the
+    same or fewer steps.
     """
     if c.scheduler != h.scheduler:
         return False
@@ -412,8 +414,9 @@ def no_better_than(c: Candidate, h: Candidate) -> bool:
         return False
     if h.skip is None and h.cache is None:
         return True
-    if h.skip is not None:
-        return c.skip is not None and c.skip[0] >= h.skip[0] and c.skip[1] >= h.skip[1]
+    if h.skip is not None:  # within one family of rules (the drift rule's threshold is another quantity)
+        return c.skip is not None and (skip_rule(c.skip) == "drift") == (skip_rule(h.skip) == "drift") and \
+            c.skip[0] >= h.skip[0] and c.skip[1] >= h.skip[1]
     return c.cache == h.cache
 
 

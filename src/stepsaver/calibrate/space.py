@@ -23,7 +23,7 @@ from typing import Any
 from stepsaver.caches import CACHE_KINDS, CacheSpec
 from stepsaver.errors import StepsaverError
 
-__all__ = ["FAMILIES", "FIXED", "OWN", "Candidate", "RenderKey", "SearchSpace", "skip_config"]
+__all__ = ["DRIFT", "FAMILIES", "FIXED", "OWN", "Candidate", "RenderKey", "SearchSpace", "skip_config", "skip_rule"]
 
 OWN = "own"  # the scheduler the pipeline came with (flow-matching models have no registry alternative)
 # single-knob families (the baselines a combination must beat) and the rest
@@ -36,6 +36,20 @@ FIXED = math.inf
 above every threshold in the orders the search prunes by (it reuses whenever C_max allows); it
 never reaches a file: :func:`skip_dict` writes ``{"rule": "fixed", "max_skips": m}``."""
 
+DRIFT = "drift"
+"""The third slot of a drift-rule Skip setting, ``(threshold, max_skips, DRIFT)``: Skip's
+``rule="drift"`` (reuse while the measured reuse error stays under ``threshold``). Its threshold is
+a relative error, not the criterion's delta, so the search never orders the two against each other."""
+
+
+def skip_rule(skip: tuple | None) -> str | None:
+    """``"criterion"``, ``"fixed"`` or ``"drift"`` for a Skip setting tuple (``None``: Skip off)."""
+    if skip is None:
+        return None
+    if len(skip) > 2 and skip[2] == DRIFT:
+        return "drift"
+    return "fixed" if skip[0] == FIXED else "criterion"
+
 
 def skip_config(skip: tuple[float, int] | None) -> Any:
     """The :class:`~stepsaver.skip.AdaptiveSkipConfig` of a ``(threshold, max_skips)`` pair (None: off)."""
@@ -43,23 +57,32 @@ def skip_config(skip: tuple[float, int] | None) -> Any:
         return None
     from stepsaver.skip.config import AdaptiveSkipConfig
 
-    if skip[0] == FIXED:
+    rule = skip_rule(skip)
+    if rule == "fixed":
         return AdaptiveSkipConfig(rule="fixed", max_skips=skip[1])
-    return AdaptiveSkipConfig(threshold=skip[0], max_skips=skip[1])
+    return AdaptiveSkipConfig(threshold=skip[0], max_skips=skip[1], rule=rule)
 
 
 def skip_dict(skip: tuple[float, int] | None) -> dict[str, Any] | None:
     """A Skip setting as JSON (finite numbers only)."""
     if skip is None:
         return None
-    if skip[0] == FIXED:
+    rule = skip_rule(skip)
+    if rule == "fixed":
         return {"rule": "fixed", "max_skips": skip[1]}
+    if rule == "drift":
+        return {"rule": "drift", "threshold": skip[0], "max_skips": skip[1]}
     return {"threshold": skip[0], "max_skips": skip[1]}
 
 
-def _skip_from_dict(data: dict[str, Any]) -> tuple[float, int]:
-    if data.get("rule", "criterion") == "fixed":
+def _skip_from_dict(data: dict[str, Any]) -> tuple:
+    rule = data.get("rule", "criterion")
+    if rule == "fixed":
         return FIXED, int(data["max_skips"])
+    if rule == "drift":
+        return float(data["threshold"]), int(data["max_skips"]), DRIFT
+    if rule != "criterion":
+        raise ValueError(f"unknown skip rule {rule!r}")
     return float(data["threshold"]), int(data["max_skips"])
 
 
@@ -118,7 +141,9 @@ class Candidate:
         parts = [self.scheduler, f"{self.steps} steps" if self.steps is not None
                  else f"recommender@{self.confidence:g}"]
         if self.skip is not None:
-            parts.append(f"skip every {self.skip[1] + 1}th step (fixed)" if self.skip[0] == FIXED
+            rule = skip_rule(self.skip)
+            parts.append(f"skip every {self.skip[1] + 1}th step (fixed)" if rule == "fixed"
+                         else f"skip drift {self.skip[0]:g}/C{self.skip[1]}" if rule == "drift"
                          else f"skip {self.skip[0]:g}/C{self.skip[1]}")
         if self.cache is not None:
             parts.append(self.cache.label)
@@ -157,6 +182,8 @@ class SearchSpace:
     skip_thresholds: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08)
     skip_max: tuple[int, ...] = (2, 4)
     fixed_skips: bool = True  # also Skip's fixed rule at each C_max: the baseline the criterion must beat
+    drift_thresholds: tuple[float, ...] = (0.08, 0.15)  # Skip's drift rule (relative reuse error)
+    drift_max: int = 6
     skip_min_steps: int = 10
     confidences: tuple[float, ...] = (0.5, 0.7, 0.9)
     caches: tuple[CacheSpec, ...] = field(default_factory=lambda: (
@@ -169,7 +196,7 @@ class SearchSpace:
             raise StepsaverError("the search needs at least one scheduler")
         if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
             raise StepsaverError(f"step counts must be integers >= 1, got {self.steps}")
-        for t in self.skip_thresholds:
+        for t in (*self.skip_thresholds, *self.drift_thresholds):
             if not isinstance(t, (int, float)) or not t >= 0 or t != t or t == float("inf"):
                 raise StepsaverError(f"skip thresholds must be finite numbers >= 0, got {t!r}")
         for c in self.confidences:
@@ -191,6 +218,8 @@ class SearchSpace:
                                                           for m in self.skip_max if t > 0 and m > 0]
         if self.fixed_skips:
             skips += [(FIXED, m) for m in self.skip_max if m > 0]
+        if self.drift_max > 0:
+            skips += [(t, self.drift_max, DRIFT) for t in self.drift_thresholds if t > 0]
         kinds = set(CACHE_KINDS) if caches is True else set(caches or ())
         out: list[Candidate] = []
         for scheduler in self.schedulers:
