@@ -61,6 +61,13 @@ How it is wired (decisions worth knowing):
   ``torch.compile``/``module.compile()``, or the reverse), with no guards on the hook's state.
 * **diffusers' caches.** MagCache and TaylorSeer count the calls they see; a call answered from
   our cache never reaches them, so the pair is refused in either order (``STEP_COUNTING_CACHES``).
+* **Rules.** ``rule="criterion"`` (the third-order test, default), ``"fixed"`` (one call every
+  ``max_skips + 1`` steps: the baseline) and ``"drift"``: at every computed step the hook also
+  builds what reuse would have returned (``_reused``, exactly what a skip hands the pipeline) and
+  measures its relative error per sample; the error per reused step extrapolates whether the
+  next step may reuse. It learns only from computed outputs, which matters because a skipped step
+  makes the latent move at the cached speed, so the criterion's differences after a skip carry no
+  news (it then skips until C_max). The errors are in the report (``drift``).
 * **The report records what ran.** A step the policy marked skippable but that had to compute
   (no cached output yet, or another hook changed the row count) is reported as computed.
 """
