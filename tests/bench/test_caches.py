@@ -166,3 +166,21 @@ def test_bad_settings_are_one_line_errors():
                           ({"guidance": float("nan")}, "--guidance"), ({"time_n": 0}, "--time-n")):
         with pytest.raises(StepsaverError, match=match):
             CachesBenchConfig(**kwargs).validate()
+
+
+def test_a_changed_skip_default_renders_our_rows_again(tmp_path, monkeypatch):
+    """Our rows' knobs name only what they sweep; a changed default of Skip must change their folder."""
+    import stepsaver.bench.caches as caches
+    from stepsaver.bench.caches import CacheMethod, _Renders
+
+    renders = _Renders(tmp_path, helpers.build_flux(), "tiny-flux", _toy(tmp_path))
+    ours = CacheMethod("ours", 28, (("threshold", 0.01),))
+    drift = CacheMethod("drift", 28, (("threshold", 0.1), ("max_skips", 6)))
+    plain = CacheMethod("plain", 28, (("steps", 10),))
+    before = {m: renders.folder(m, None) for m in (ours, drift, plain)}
+    assert ours.implicit_skip_settings() == {} == plain.implicit_skip_settings()
+    monkeypatch.setitem(caches.KEYED_SKIP_DEFAULTS, "max_skips", 6)  # as if the default C_max had been 6
+    assert ours.implicit_skip_settings() == {"max_skips": 4}
+    assert renders.folder(ours, None) != before[ours]
+    assert renders.folder(drift, None) == before[drift]  # its C_max is a knob, not a default
+    assert renders.folder(plain, None) == before[plain]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -70,6 +71,10 @@ NAMES = {"full": "full", "plain": "plain", "iso": "iso-cost", "ours": "ours", "d
 # interval instead of the criterion (the non-adaptive baseline at the same reuse machinery).
 RIVALS = (*DIFFUSERS_CACHES, "deepcache", "fixed")
 OURS = ("ours", "drift")  # our hook's adaptive rules: the default criterion, and the drift rule
+SKIP_KINDS = (*OURS, "fixed")  # rows made by our hook
+# Skip's defaults when the render folders of those rows were first keyed (see implicit_skip_settings)
+KEYED_SKIP_DEFAULTS = {"threshold": 0.02, "max_skips": 4, "warmup": 4, "per_sample": True, "compat": False,
+                       "scale": "sigma", "reuse": "noise", "rule": "criterion"}
 COLUMNS = ["model", "steps", "method", "denoiser_calls", "gmacs_per_image", "peak_memory_mb", "median_latency_ms",
            "speedup", "psnr_db", "lpips", "fid", "adherence"]
 
@@ -91,6 +96,32 @@ class CacheMethod:
     def render_steps(self) -> int:
         return dict(self.knobs).get("steps", self.steps)
 
+    def skip_config(self) -> Any:
+        """Our hook's :class:`~stepsaver.skip.AdaptiveSkipConfig` for this row (kinds ours, drift, fixed)."""
+        from stepsaver.skip import AdaptiveSkipConfig
+
+        knobs = dict(self.knobs)
+        if self.kind == "ours":  # the shipped default at this threshold
+            return AdaptiveSkipConfig(threshold=knobs["threshold"])
+        if self.kind == "drift":
+            return AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"], max_skips=knobs["max_skips"])
+        return AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1)
+
+    def implicit_skip_settings(self) -> dict[str, Any]:
+        """The hook settings this row takes from Skip's defaults rather than its knobs, where they differ
+        from the defaults its renders were first keyed under (:data:`KEYED_SKIP_DEFAULTS`).
+
+        Why: the knobs name only what a row sweeps, so a changed default (another C_max, scale or
+        reuse) would otherwise reuse renders made under the old one. Empty while the defaults are
+        unchanged, so the renders already on disk keep their folders.
+        """
+        if self.kind not in SKIP_KINDS:
+            return {}
+        swept = {"ours": {"threshold"}, "drift": {"threshold", "max_skips"},
+                 "fixed": {"threshold", "max_skips"}}[self.kind] | {"rule"}
+        return {k: v for k, v in dataclasses.asdict(self.skip_config()).items()
+                if k not in swept and v != KEYED_SKIP_DEFAULTS[k]}
+
     def diffusers_config(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Any:
         """The diffusers cache config of this method (``None`` for plain steps and ours)."""
         if self.kind not in DIFFUSERS_CACHES:
@@ -100,15 +131,10 @@ class CacheMethod:
     @contextlib.contextmanager
     def applied(self, pipe: Any, mag_ratios: Sequence[float] | None = None) -> Iterator[None]:
         """Attach the method for the block and take it off again, whatever happens inside."""
-        if self.kind in ("ours", "drift", "fixed"):
-            from stepsaver.skip import AdaptiveSkipConfig, disable_adaptive_skip, enable_adaptive_skip
+        if self.kind in SKIP_KINDS:
+            from stepsaver.skip import disable_adaptive_skip, enable_adaptive_skip
 
-            knobs = dict(self.knobs)
-            config = {"ours": lambda: AdaptiveSkipConfig(threshold=knobs["threshold"]),
-                      "drift": lambda: AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"],
-                                                          max_skips=knobs["max_skips"]),
-                      "fixed": lambda: AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1)}[self.kind]
-            enable_adaptive_skip(pipe, config())
+            enable_adaptive_skip(pipe, self.skip_config())
             try:
                 yield
             finally:
@@ -317,9 +343,10 @@ class _Renders:
 
     def _file(self, method: CacheMethod, mag: Sequence[float] | None, i: int) -> Path:
         assert self.root is not None
+        implicit = method.implicit_skip_settings()
         key = json.dumps({**self.base, "kind": method.kind, "steps": method.steps, "knobs": method.knobs,
-                          "mag": [round(v, 6) for v in mag] if method.kind == "magcache" and mag else None},
-                         sort_keys=True, default=str)
+                          "mag": [round(v, 6) for v in mag] if method.kind == "magcache" and mag else None,
+                          **({"skip": implicit} if implicit else {})}, sort_keys=True, default=str)
         name = f"{self.base['model']}-{method.kind}-{method.steps}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         return self.root / name / f"{i:05d}.npz"
 
