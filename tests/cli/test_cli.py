@@ -89,3 +89,10 @@ def test_generate_with_skip_reports_calls_made_and_saved(tmp_path):
     assert p["denoiser_calls_saved"] > 0 and len(p["skipped_steps"]) == p["denoiser_calls_saved"]
     r = _run("generate", "cat", "--skip", "--max-skips", -1)
     assert r.exit_code == 2 and "max_skips" in r.stderr
+    # the other rules: drift (a huge threshold reuses whenever C_max allows) and a one-line error for a typo
+    r = _run("generate", "a big apple in the center on a blue background", "--steps", 12, "--skip",
+             "--skip-rule", "drift", "--threshold", 100, "--max-skips", 1, "--out", tmp_path / "d.png", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["skipped_steps"] == [4, 6, 8, 10]  # after the 4 warm-up steps, C_max 1
+    r = _run("generate", "cat", "--skip", "--skip-rule", "sometimes")
+    assert r.exit_code == 2 and "rule must be one of criterion, fixed, drift" in r.stderr

@@ -304,6 +304,7 @@ def test_big_body_is_413(hard):
     ("/v1/generate", {"prompt": "a cat", "steps": 2, "guidance": True}, "guidance"),
     ("/v1/generate", {"prompt": "a cat", "steps": 2, "skip": {"threshold": "0.1"}}, "threshold"),
     ("/v1/generate", {"prompt": "a cat", "steps": 2, "skip": {"max_skips": 2, "window": 3}}, "window"),
+    ("/v1/generate", {"prompt": "a cat", "steps": 2, "skip": {"rule": "sometimes"}}, "rule"),
     ("/v1/generate", {"prompt": "a cat", "steps": 2, "width": 512, "height": 512}, "width"),
     ("/v1/generate", '{"prompt": "a cat", "steps": 2, "skip": {"threshold": Infinity}}', "threshold"),
     ("/v1/generate", '{"prompt": "a cat", "steps": 2, "guidance": NaN}', "guidance"),

@@ -77,6 +77,10 @@ def test_generate_json_auto_steps_and_skip(client, embedded_pipe):
     assert r.status_code == 200
     body = r.json()
     assert body["denoiser_calls"] + body["denoiser_calls_saved"] == 12 and body["denoiser_calls_saved"] > 0
+    r = client.post("/v1/generate", headers=AUTH, json={"prompt": "a big cat, blue background", "steps": 12,
+                                                         "skip": {"rule": "fixed", "max_skips": 1},
+                                                         "format": "json"})
+    assert r.status_code == 200 and r.json()["denoiser_calls_saved"] == 4  # steps 5, 7, 9, 11 reuse
     r = client.post("/v1/generate", headers=AUTH, json={"prompt": "a cat on background 1", "steps": "auto",
                                                          "format": "json"})
     auto = r.json()

@@ -38,6 +38,10 @@ def generate(
                                     help="Skip threshold delta (with --skip)."),
     max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips",
                                   help="Most consecutive skips C_max (with --skip)."),
+    skip_rule: str = typer.Option(AdaptiveSkipConfig.rule, "--skip-rule",
+                                  help="What decides a skip (with --skip): criterion (third-order test), drift "
+                                       "(measured reuse error; --threshold is then a relative error, e.g. 0.1) "
+                                       "or fixed (one call every max-skips + 1 steps)."),
     config: Path | None = typer.Option(None, "--config",
                                        help="A calibrated config from `stepsaver calibrate`: its model, scheduler, "
                                             "steps, Skip and guidance."),
@@ -61,7 +65,7 @@ def generate(
     if scheduler is not None:
         scheduler_spec(scheduler)
     check_output_file(out, ".png")  # before generating: an unwritable path must not cost a generation
-    skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips) if skip else None  # validates first
+    skip_config = AdaptiveSkipConfig(threshold=threshold, max_skips=max_skips, rule=skip_rule) if skip else None
     pipe = load_model(model, scheduler=scheduler, device=device)
     if skip_config is not None:
         from stepsaver.skip import enable_adaptive_skip

@@ -310,7 +310,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: GenerationEngin
             skip = skip_config(calibrated.candidate.skip)
         elif body.skip is not False:
             opts = body.skip if not isinstance(body.skip, bool) else None
-            skip = AdaptiveSkipConfig(threshold=opts.threshold, max_skips=opts.max_skips) if opts \
+            skip = AdaptiveSkipConfig(threshold=opts.threshold, max_skips=opts.max_skips, rule=opts.rule) if opts \
                 else AdaptiveSkipConfig()
         key = BatchKey(steps=steps, scheduler=scheduler, guidance=guidance, skip=skip)
         try:

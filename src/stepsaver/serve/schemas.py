@@ -66,6 +66,10 @@ class SkipOptions(BaseModel):
 
     threshold: float = Field(AdaptiveSkipConfig.threshold, ge=0, description="AdaptiveDiffusion delta.")
     max_skips: int = Field(AdaptiveSkipConfig.max_skips, ge=0, le=50, description="Most consecutive skips (C_max).")
+    rule: Literal["criterion", "drift", "fixed"] = Field(
+        AdaptiveSkipConfig.rule, description="What decides a skip: the third-order criterion, the measured reuse "
+                                             "error (drift: threshold is a relative error, e.g. 0.1) or a fixed "
+                                             "interval of max_skips + 1 steps.")
 
 
 class GenerateRequest(BaseModel):
