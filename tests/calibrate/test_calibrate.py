@@ -298,7 +298,9 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
     prompts.write_text("\n".join(PROMPTS))
     for args, says in [(["-t", "lpips=>0.05"], "better lower"), (["-t", "ssim>=0.9", "--reference", "50"], "steps=50"),
                        (["-t", "ssim>=0.9", "--scheduler", "nope"], "unknown scheduler"),
-                       (["-t", "ssim>=0.9", "--steps", "a,b"], "step grid")]:
+                       (["-t", "ssim>=0.9", "--steps", "a,b"], "step grid"),
+                       (["-t", "ssim>=0.9", "--drift-thresholds", "0.1,x"], "cannot read drift thresholds"),
+                       (["-t", "ssim>=0.9", "--drift-thresholds", "-0.1"], "finite numbers >= 0")]:
         out = runner.invoke(app, ["calibrate", "-p", str(prompts), "-o", str(tmp_path / "c.json"), *args])
         assert out.exit_code == 2 and says in out.output, out.output
 

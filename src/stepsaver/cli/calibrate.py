@@ -52,6 +52,9 @@ def calibrate(
     skip_thresholds: str = typer.Option("0.01,0.02,0.04,0.08", "--skip-thresholds",
                                         help="Skip thresholds to search ('none': no Skip)."),
     max_skips: str = typer.Option("2,4", "--max-skips", help="Skip C_max values to search."),
+    drift_thresholds: str = typer.Option("0.08,0.15", "--drift-thresholds",
+                                         help="Skip's drift rule: relative reuse errors to search, at C_max 6 "
+                                              "('none': not searched)."),
     recommender: str = typer.Option("auto", "--recommender",
                                     help="'auto' (the shipped one for --model tiny), 'none', or a folder."),
     confidences: str = typer.Option("0.5,0.7,0.9", "--confidences", help="Recommender confidences to search."),
@@ -89,6 +92,7 @@ def calibrate(
     space = SearchSpace(schedulers=tuple(scheduler) or (OWN,), steps=grid,
                         skip_thresholds=_floats(skip_thresholds, "skip thresholds"),
                         skip_max=tuple(int(x) for x in _floats(max_skips, "max skips")),
+                        drift_thresholds=_floats(drift_thresholds, "drift thresholds"),
                         confidences=_floats(confidences, "confidences"),
                         caches=SearchSpace().caches if caches else ())
     space.validate(ref_steps)
