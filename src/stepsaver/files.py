@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stepsaver.errors import StepsaverError
 
-__all__ = ["check_output_file", "exclusive_folder", "json_memo", "read_json", "write_atomically"]
+__all__ = ["check_output_file", "exclusive_folder", "json_lookup", "json_memo", "read_json", "write_atomically"]
 
 
 def check_output_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
@@ -108,20 +108,31 @@ def json_memo(path: str | os.PathLike, key: str, compute: Callable[[], object]) 
     import json
 
     path = Path(path)
-
-    def known() -> dict:
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    found = known()
+    found = _json_object(path)
     if key in found:
         return found[key]
     value = compute()
-    merged = known()
+    merged = _json_object(path)
     merged.setdefault(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1, sort_keys=True)))
     return merged[key]
+
+
+def json_lookup(path: str | os.PathLike, key: str) -> object | None:
+    """What :func:`json_memo` stored under ``key`` at ``path``, or ``None`` (nothing computed).
+
+    Why: a benchmark that finds a row's results memoised can skip the renders the row would need,
+    so it must ask before deciding to render; a torn or unreadable file reads as empty.
+    """
+    return _json_object(Path(path)).get(key)
+
+
+def _json_object(path: Path) -> dict:
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

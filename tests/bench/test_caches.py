@@ -184,3 +184,43 @@ def test_a_changed_skip_default_renders_our_rows_again(tmp_path, monkeypatch):
     assert renders.folder(ours, None) != before[ours]
     assert renders.folder(drift, None) == before[drift]  # its C_max is a knob, not a default
     assert renders.folder(plain, None) == before[plain]
+
+
+def test_a_ledger_carries_a_run_to_a_machine_without_its_renders(tmp_path, monkeypatch):
+    """The ledger (calls and scores per row, MagCache's ratios) is what a later session on a fresh
+    machine has: a row found there is never rendered again, a missing one renders its reference too."""
+    import shutil
+
+    import stepsaver.bench.caches as caches
+
+    small = dict(ours_thresholds=(0.5,), drift_thresholds=(), fbc_thresholds=(), taylorseer=(), pab_skips=(),
+                 fastercache_skips=(), fixed_intervals=(), magcache_thresholds=(0.1,))
+    ledger = tmp_path / "ledger"
+    pipe = helpers.build_flux()
+    first = bench_caches(_toy(tmp_path, ledger=str(ledger), **small), out_dir=tmp_path / "a", pipe=pipe,
+                         progress=False)
+    assert (ledger / "tiny-flux" / "scores.json").exists() and (ledger / "tiny-flux" / "magcache.json").exists()
+    assert not (tmp_path / "work" / "tiny-flux" / "scores.json").exists()
+    shutil.rmtree(tmp_path / "work")  # the fresh machine: renders gone, ledger committed
+    seen = []
+    real = caches._render
+    monkeypatch.setattr(caches, "_render", lambda p, m, *a, **k: seen.append(m.kind) or real(p, m, *a, **k))
+    monkeypatch.setattr(caches, "calibrate_magcache", lambda *a, **k: pytest.fail("MagCache recalibrated"))
+    again = bench_caches(_toy(tmp_path, ledger=str(ledger), **small), out_dir=tmp_path / "b", pipe=pipe,
+                         progress=False)
+    n_rows = len(first["rows"])
+    assert len(seen) == 3 * n_rows  # warm-up, one timed, memory: no render, no score
+    key = ("method", "denoiser_calls", "psnr_db", "lpips", "gmacs_per_image")
+    assert [[r[k] for k in key] for r in again["rows"]] == [[r[k] for k in key] for r in first["rows"]]
+    # A new sweep point renders itself and its full-step reference (2 prompts each) and nothing else.
+    seen.clear()
+    shutil.rmtree(tmp_path / "work")
+    grown = bench_caches(_toy(tmp_path, ledger=str(ledger), **{**small, "fixed_intervals": (2,)}),
+                         out_dir=tmp_path / "c", pipe=pipe, progress=False)
+    rendered = seen[: len(seen) - 3 * len(grown["rows"]) - 1]  # less timing, memory and the one MACs render
+    assert sorted(rendered) == ["fixed", "fixed", "full", "full"]
+    # No work folder at all: the ledger alone still keeps the rows.
+    seen.clear()
+    bench_caches(_toy(tmp_path, ledger=str(ledger), work=None, **small), out_dir=tmp_path / "d", pipe=pipe,
+                 progress=False)
+    assert len(seen) == 3 * n_rows

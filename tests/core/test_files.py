@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stepsaver.files import json_memo
+from stepsaver.files import json_lookup, json_memo
 
 
 def test_json_memo_computes_once_and_reuses(tmp_path: Path) -> None:
@@ -41,3 +41,12 @@ def test_json_memo_treats_a_torn_file_as_empty(tmp_path: Path) -> None:
     assert json_memo(path, "a", lambda: {"x": 1}) == {"x": 1}
     assert json.loads(path.read_text()) == {"a": {"x": 1}}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_json_lookup_reads_without_computing(tmp_path: Path) -> None:
+    path = tmp_path / "memo.json"
+    assert json_lookup(path, "a") is None  # no file yet
+    json_memo(path, "a", lambda: {"calls": [3, 4]})
+    assert json_lookup(path, "a") == {"calls": [3, 4]} and json_lookup(path, "b") is None
+    path.write_text('{"a": ')  # torn: empty, not an error
+    assert json_lookup(path, "a") is None

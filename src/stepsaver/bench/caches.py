@@ -34,7 +34,12 @@ to a UNet). Its rows carry ``model`` = the UNet's name and get their own verdict
 method and settings, written atomically): a run killed half-way resumes where it stopped, and
 only the timing pass renders again. A report run locks its model (a second one is refused);
 ``--render-only`` runs lock one render folder at a time, so two can fill one model together.
-Each row's scores and MagCache's ratios are kept beside the renders.
+**Results are kept in a ledger** (``ledger``, default beside the renders): each row's denoiser
+calls per prompt and its scores, and MagCache's ratios, keyed by the render folders' names (which
+hash everything that decides the images). A row found there is not rendered again, so the ledger
+(small JSON, a few hundred KB) is what a long run commits to carry on in a later session on a
+fresh machine whose renders are gone: only the timing pass then calls the pipeline, and a row
+still missing re-renders its full-step reference first.
 """
 
 from __future__ import annotations
@@ -180,7 +185,8 @@ class CachesBenchConfig:
     device: str = "auto"
     threads: int | None = None
     height: int | None = None  # None: the model's own size
-    work: str | None = "runs/caches-bench"  # render cache (None: keep nothing)
+    work: str | None = "runs/caches-bench"  # render cache (None: keep no image)
+    ledger: str | None = None  # per-row calls and scores, MagCache's ratios (None: beside the renders in work)
     render_only: bool = False  # fill the render cache and stop: no timing, scores or report
     score_only: bool = False  # fill the render and score caches and stop: no timing or report
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -287,26 +293,29 @@ def calibrate_magcache(pipe: Any, prompts: Sequence[str], steps: int, seeds: Seq
     return [float(v) for v in ratios]
 
 
-def _magcache_ratios(work: Path | None, label: str, pipe: Any, prompts: Sequence[str], steps: int,
+def _magcache_ratios(ledger: Path | None, label: str, pipe: Any, prompts: Sequence[str], steps: int,
                      cfg: CachesBenchConfig) -> list[float]:
-    """MagCache's calibrated ratios at ``steps``, kept in ``work/<label>/magcache.json``.
+    """MagCache's calibrated ratios at ``steps``, kept in ``<ledger>/<label>/magcache.json``.
 
     Why kept: the ratios enter the MagCache rows' render keys, and recomputing them in another
     process (another thread count sums in another order) can move the last digit and orphan
     every MagCache render; it also saves the calibration minute of every resumed run. Keyed by
-    the denoiser's fingerprint and everything the calibration depends on.
+    the denoiser's fingerprint and everything the calibration depends on. A ledger kept apart from
+    the renders takes the ratios the renders were made with when it lacks them.
     """
     def compute() -> list[float]:
         return calibrate_magcache(pipe, prompts, steps, list(range(len(prompts))), cfg.guidance, **cfg.call_kwargs())
 
-    if work is None:
+    if ledger is None:
         return compute()
     from stepsaver.calibrate.config import pipeline_fingerprint
-    from stepsaver.files import json_memo
+    from stepsaver.files import json_lookup, json_memo
 
     key = json.dumps({"weights": pipeline_fingerprint(pipe), "steps": steps, "prompts": list(prompts),
                       "guidance": cfg.guidance, "call": repr(sorted(cfg.call_kwargs().items()))}, sort_keys=True)
-    return [float(v) for v in json_memo(work / label / "magcache.json", key, compute)]
+    beside = Path(cfg.work) / label / "magcache.json" if cfg.work else None
+    known = lambda: json_lookup(beside, key) if beside else None  # noqa: E731
+    return [float(v) for v in json_memo(ledger / label / "magcache.json", key, lambda: known() or compute())]
 
 
 def _render(pipe: Any, method: CacheMethod, prompt: str, seed: int, cfg: CachesBenchConfig,
@@ -329,10 +338,12 @@ class _Renders:
     are written atomically (a temporary name, then ``os.replace``); a torn file is rendered again.
     """
 
-    def __init__(self, root: Path | None, pipe: Any, label: str, cfg: CachesBenchConfig) -> None:
+    def __init__(self, root: Path | None, pipe: Any, label: str, cfg: CachesBenchConfig,
+                 ledger: Path | None = None) -> None:
         self.root = root
+        self.ledger = ledger if ledger is not None else root
         self.base: dict[str, Any] = {}
-        if root is not None:
+        if self.ledger is not None:
             from stepsaver.calibrate.config import pipeline_fingerprint, quick_weights_digest
 
             # The VAE decides the images too, and the denoiser's fingerprint does not cover it.
@@ -341,14 +352,16 @@ class _Renders:
                          "seed": cfg.seed, "prompt_seed": cfg.prompt_seed,
                          "call": repr(sorted(cfg.call_kwargs().items()))}
 
-    def _file(self, method: CacheMethod, mag: Sequence[float] | None, i: int) -> Path:
-        assert self.root is not None
+    def _name(self, method: CacheMethod, mag: Sequence[float] | None) -> str:
         implicit = method.implicit_skip_settings()
         key = json.dumps({**self.base, "kind": method.kind, "steps": method.steps, "knobs": method.knobs,
                           "mag": [round(v, 6) for v in mag] if method.kind == "magcache" and mag else None,
                           **({"skip": implicit} if implicit else {})}, sort_keys=True, default=str)
-        name = f"{self.base['model']}-{method.kind}-{method.steps}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        return self.root / name / f"{i:05d}.npz"
+        return f"{self.base['model']}-{method.kind}-{method.steps}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def _file(self, method: CacheMethod, mag: Sequence[float] | None, i: int) -> Path:
+        assert self.root is not None
+        return self.root / self._name(method, mag) / f"{i:05d}.npz"
 
     def get(self, method: CacheMethod, mag: Sequence[float] | None, i: int,
             prompt: str) -> tuple[np.ndarray, int] | None:
@@ -363,11 +376,20 @@ class _Renders:
             return None
 
     def folder(self, method: CacheMethod, mag: Sequence[float] | None) -> str | None:
-        """The name of the method's render folder (``None`` without a work folder)."""
-        return None if self.root is None else self._file(method, mag, 0).parent.name
+        """The name of the method's render folder (``None`` with neither work folder nor ledger)."""
+        return None if self.ledger is None else self._name(method, mag)
+
+    def known(self, key: str) -> dict[str, Any] | None:
+        """The row's ledger entry (calls per prompt and scores) when complete, else ``None``."""
+        if self.ledger is None:
+            return None
+        from stepsaver.files import json_lookup
+
+        entry = json_lookup(self.ledger / self.base["model"] / "scores.json", key)
+        return entry if isinstance(entry, dict) and isinstance(entry.get("calls"), list) else None
 
     def scores(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A row's quality scores (PSNR, LPIPS, FID, adherence, MACs), computed once per ``key``.
+        """A row's calls per prompt and quality scores (PSNR, LPIPS, FID, adherence, MACs), once per ``key``.
 
         Why: scoring every row (Inception features for FID, the adherence detector) takes as long as
         a block of renders, and a resumed or extended run (another step count, a new sweep point)
@@ -375,14 +397,14 @@ class _Renders:
         (the row's and its full-step reference, which hash everything that decides the images)
         and the scoring settings, so a changed image or setting is scored again. Timing is never
         cached: speedups are ratios of medians measured in the same run. FID's runtime (ONNX
-        Runtime or TorchScript, features equal to 1e-4) is not part of the key. The file sits in
-        the model's locked folder and is replaced atomically.
+        Runtime or TorchScript, features equal to 1e-4) is not part of the key. The file is merged
+        and replaced atomically, so two processes can add rows to one ledger.
         """
-        if self.root is None:
+        if self.ledger is None:
             return compute()
         from stepsaver.files import json_memo
 
-        return json_memo(self.root / self.base["model"] / "scores.json", key, compute)
+        return json_memo(self.ledger / self.base["model"] / "scores.json", key, compute)
 
     @contextlib.contextmanager
     def lock(self, method: CacheMethod, mag: Sequence[float] | None, wait: bool) -> Iterator[bool]:
@@ -564,7 +586,8 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
     calib = SceneGenerator(seed=cfg.prompt_seed + 1, split="train")
     calib_prompts = [calib.sample(i).caption for i in range(cfg.calib_n)]
     work = Path(cfg.work) if cfg.work else None
-    mag = {s: _magcache_ratios(work, cfg.model or "flux", pipe, calib_prompts, s, cfg)
+    ledger = Path(cfg.ledger) if cfg.ledger else work
+    mag = {s: _magcache_ratios(ledger, cfg.model or "flux", pipe, calib_prompts, s, cfg)
            for s in cfg.steps} if cfg.magcache_thresholds and pipe is not None else {}
     scorer = None
     if cfg.adherence and not cfg.render_only:
@@ -581,9 +604,10 @@ def _run(cfg: CachesBenchConfig, pipe: Any, unet_pipe: Any, progress: bool) -> t
         # A report run holds its model's lock (a second report on the same model is refused);
         # --render-only runs do not, and share a model through a lock per render folder, so two
         # processes (a core each) can fill one model's cache together.
-        hold = work is not None and not cfg.render_only
-        with exclusive_folder(work / label, "bench caches") if hold else contextlib.nullcontext():
-            renders = _Renders(work, p, label, cfg)
+        home = work or ledger
+        hold = home is not None and not cfg.render_only
+        with exclusive_folder(home / label, "bench caches") if hold else contextlib.nullcontext():
+            renders = _Renders(work, p, label, cfg, ledger)
             for steps in cfg.steps:
                 rows += _block(p, label, cfg, steps, kinds, prompts[:n], seeds[:n], scenes[:n], ratios, scorer,
                                progress, tools, renders)
@@ -627,33 +651,56 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
         images[method] = np.stack([o[0] for o in out])
         calls[method] = [o[1] for o in out]
 
+    def key_of(m: CacheMethod) -> str:
+        ratios = mag.get(m.steps)
+        return json.dumps({"images": renders.folder(m, ratios), "reference": renders.folder(full, ratios),
+                           "n": len(prompts), "fid": cfg.fid, "adherence": scorer is not None,
+                           "macs_n": cfg.macs_n}, sort_keys=True)
+
+    full = methods[0]
+    scores: dict[CacheMethod, dict[str, Any]] = {}
+
+    def known(m: CacheMethod) -> bool:
+        """Whether the ledger holds the row (its calls and scores): then it needs no render."""
+        entry = renders.known(key_of(m))
+        if entry is None or len(entry["calls"]) != len(prompts):
+            return False
+        scores[m], calls[m] = entry, [int(c) for c in entry["calls"]]
+        return True
+
     with Progress(transient=False, disable=not progress) as bar:
+        todo = [m for m in methods if not known(m)]
+        if todo and full not in todo:
+            todo.insert(0, full)  # the reference of every row still to score
         # Render-only runs first take what no other process is rendering, then wait for the rest.
-        busy = [m for m in methods if not render_all(m, bar, wait=not cfg.render_only)]
+        busy = [m for m in todo if not render_all(m, bar, wait=not cfg.render_only)]
         for method in busy:
             render_all(method, bar)
-        full = methods[0]
         per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
         iso_of: dict[CacheMethod, list[str]] = {}
         for method in [m for m in methods if m.kind in OURS]:
             n_iso = max(2, min(steps, round(np.mean(calls[method]) / per_step)))
             iso = CacheMethod("iso", steps, (("steps", n_iso),))
-            if iso not in images:
-                render_all(iso, bar)
+            if iso not in calls:
                 methods.append(iso)
+                if not known(iso):
+                    if full not in images:
+                        render_all(full, bar)
+                    render_all(iso, bar)
+                    todo.append(iso)
             iso_of.setdefault(iso, []).append(method.label)
         if cfg.render_only:
             return []
         from stepsaver.measure.fid import features, fid_from_features
 
-        ref = images[full]
         fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
 
         def score(m: CacheMethod) -> dict[str, Any]:
             same = m is full
+            ref = images[full]
             macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
                                        for i in range(cfg.macs_n)]) / cfg.macs_n
-            out = {"gmacs_per_image": macs / 1e9,
+            out = {"gmacs_per_image": macs / 1e9, "calls": list(calls[m]),
                    "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
                    "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
             if cfg.fid:
@@ -664,18 +711,10 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
                 out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
             return out
 
-        def scores_of(m: CacheMethod) -> dict[str, Any]:
-            ratios = mag.get(m.steps)
-            key = json.dumps({"images": renders.folder(m, ratios), "reference": renders.folder(full, ratios),
-                              "n": len(prompts), "fid": cfg.fid, "adherence": scorer is not None,
-                              "macs_n": cfg.macs_n}, sort_keys=True)
-            return renders.scores(key, lambda: score(m))
-
-        # Scores first (cached per row), so a --score-only run fills them without the timing pass.
-        task = bar.add_task(f"{label} {steps} steps: scores", total=len(methods))
-        scores = {}
-        for m in methods:
-            scores[m] = scores_of(m)
+        # Scores first (kept per row in the ledger), so a --score-only run fills them without timing.
+        task = bar.add_task(f"{label} {steps} steps: scores", total=len(todo))
+        for m in todo:
+            scores[m] = renders.scores(key_of(m), lambda m=m: score(m))
             bar.advance(task)
         if cfg.score_only:
             return []

@@ -331,6 +331,10 @@ def bench_caches_cmd(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)."),
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for caches.json, .md and .png."),
     work: Path = typer.Option(Path("runs/caches-bench"), "--work", help="Render cache (a killed run resumes)."),
+    ledger: str | None = typer.Option(None, "--ledger",
+                                      help="Per-row calls and scores and MagCache's ratios, small enough to commit "
+                                           "so a later session on a fresh machine renders only what is missing "
+                                           "(default: OUT/caches-ledger; 'none': beside the renders)."),
     render_only: bool = typer.Option(False, "--render-only",
                                      help="Fill the render cache and stop (run each half in its own process)."),
     score_only: bool = typer.Option(False, "--score-only",
@@ -348,7 +352,9 @@ def bench_caches_cmd(
     none = lambda name: None if name.lower() == "none" else name  # noqa: E731
     cfg = CachesBenchConfig(model=none(model), n=n, calib_n=calib_n, time_n=min(time_n, n), steps=step_counts,
                             guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads,
-                            unet_model=none(unet_model), unet_n=unet_n, work=str(work), render_only=render_only,
+                            unet_model=none(unet_model), unet_n=unet_n, work=str(work),
+                            ledger=str(out / "caches-ledger") if ledger is None else none(ledger),
+                            render_only=render_only,
                             score_only=score_only)
     result = bench_caches(cfg, out_dir=out, progress=not as_json)
     if render_only or score_only:
