@@ -155,8 +155,14 @@ def check_machine(recorded: dict[str, Any], where: str = "this optimised folder"
 
 # ---- modules that stand in for the denoiser ------------------------------------------------------
 class _Wrapper(nn.Module):
-    """An ``nn.Module`` around ``inner`` that answers every other attribute (``config``, ``device``,
-    ``add_embedding``...) from it, so a pipeline reads the wrapper as it read the original."""
+    """An ``nn.Module`` around ``inner`` that answers every other public attribute (``config``,
+    ``device``, ``add_embedding``...) from it, so a pipeline reads the wrapper as it read the original.
+
+    Private names (``_diffusers_hook``, accelerate's ``_hf_hook``...) are the wrapper's own and
+    never forwarded: a hook registry found on ``inner`` would attach a hook (Skip, a cache) to a
+    forward the wrapper never calls (an exported graph runs instead), and the hook would silently
+    never run.
+    """
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -167,7 +173,7 @@ class _Wrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules") or {}
-            if "inner" not in modules or name.startswith("__"):
+            if "inner" not in modules or name.startswith("_"):
                 raise
             return getattr(modules["inner"], name)
 
