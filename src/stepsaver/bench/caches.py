@@ -668,14 +668,49 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
         scores[m], calls[m] = entry, [int(c) for c in entry["calls"]]
         return True
 
+    from stepsaver.measure.fid import features, fid_from_features
+
+    fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
+
+    def score(m: CacheMethod) -> dict[str, Any]:
+        same = m is full
+        ref = images[full]
+        macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
+                                   for i in range(cfg.macs_n)]) / cfg.macs_n
+        out = {"gmacs_per_image": macs / 1e9, "calls": list(calls[m]),
+               "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
+               "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
+        if cfg.fid:
+            if not same and "ref" not in fid_ref:
+                fid_ref["ref"] = features(ref)
+            out["fid"] = 0.0 if same else fid_from_features(fid_ref["ref"], features(images[m]))
+        if scorer is not None:
+            out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
+        return out
+
     with Progress(transient=False, disable=not progress) as bar:
         todo = [m for m in methods if not known(m)]
         if todo and full not in todo:
             todo.insert(0, full)  # the reference of every row still to score
-        # Render-only runs first take what no other process is rendering, then wait for the rest.
-        busy = [m for m in todo if not render_all(m, bar, wait=not cfg.render_only)]
+        scored = bar.add_task(f"{label} {steps} steps: scores", total=len(todo), visible=not cfg.render_only)
+
+        def finish(m: CacheMethod) -> None:
+            """Score a rendered row at once (into the ledger), so a killed run loses no finished row."""
+            if not cfg.render_only:
+                scores[m] = renders.scores(key_of(m), lambda: score(m))
+                bar.advance(scored)
+
+        def run(m: CacheMethod, wait: bool) -> bool:
+            done = render_all(m, bar, wait=wait)
+            if done:
+                finish(m)
+            return done
+
+        # Stage runs (--render-only, --score-only) first take what no other process is rendering,
+        # then wait for the rest; a report run waits for each in turn.
+        busy = [m for m in todo if not run(m, wait=not (cfg.render_only or cfg.score_only))]
         for method in busy:
-            render_all(method, bar)
+            run(method, wait=True)
         per_step = np.mean(calls[full]) / steps  # calls a plain step makes (2 with true CFG)
         iso_of: dict[CacheMethod, list[str]] = {}
         for method in [m for m in methods if m.kind in OURS]:
@@ -686,36 +721,12 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
                 if not known(iso):
                     if full not in images:
                         render_all(full, bar)
-                    render_all(iso, bar)
+                    bar.update(scored, total=len(todo) + 1)
                     todo.append(iso)
+                    run(iso, wait=True)
             iso_of.setdefault(iso, []).append(method.label)
         if cfg.render_only:
             return []
-        from stepsaver.measure.fid import features, fid_from_features
-
-        fid_ref: dict[str, Any] = {}  # the reference's Inception features, made when a row first needs them
-
-        def score(m: CacheMethod) -> dict[str, Any]:
-            same = m is full
-            ref = images[full]
-            macs = count_macs(lambda: [_render(pipe, m, prompts[i], seeds[i], cfg, mag)
-                                       for i in range(cfg.macs_n)]) / cfg.macs_n
-            out = {"gmacs_per_image": macs / 1e9, "calls": list(calls[m]),
-                   "psnr_db": None if same else float(np.mean(psnr(images[m], ref))),
-                   "lpips": float(np.mean(lpips(images[m], ref))), "fid": None, "adherence": None}
-            if cfg.fid:
-                if not same and "ref" not in fid_ref:
-                    fid_ref["ref"] = features(ref)
-                out["fid"] = 0.0 if same else fid_from_features(fid_ref["ref"], features(images[m]))
-            if scorer is not None:
-                out["adherence"] = scorer.score(images[m], scenes).summary()["adherence"]
-            return out
-
-        # Scores first (kept per row in the ledger), so a --score-only run fills them without timing.
-        task = bar.add_task(f"{label} {steps} steps: scores", total=len(todo))
-        for m in todo:
-            scores[m] = renders.scores(key_of(m), lambda m=m: score(m))
-            bar.advance(task)
         if cfg.score_only:
             return []
         seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
