@@ -619,18 +619,21 @@ class AdaptiveSkipHook(ModelHook):
         path, goes into one bucket (key ``-1``).
         """
         state = self.state
-        err = (fresh.detach().float() - would.float()).abs()
-        size = fresh.detach().float().abs()
+        f = fresh.detach().float()
+        err, size = (f - would.float()).abs(), f.abs()
         n = len(samples) if samples is not None else (state.batch or 1)
         keys = samples if samples is not None else list(range(n))
+        # One host transfer a call (not two a sample): on a GPU each float() is a device sync.
         if not self.policy.per_sample or err.ndim == 0 or err.shape[0] % n:
-            buckets = [(-1, err.sum(), size.sum())]
+            num, den = torch.stack([err.sum(), size.sum()]).tolist()
+            buckets = [(-1, num, den)]
         else:
-            e, m = err.reshape(err.shape[0] // n, n, -1), size.reshape(size.shape[0] // n, n, -1)
-            buckets = [(k, e[:, j].sum(), m[:, j].sum()) for j, k in enumerate(keys)]
+            e = err.reshape(err.shape[0] // n, n, -1).sum(dim=(0, 2))
+            m = size.reshape(size.shape[0] // n, n, -1).sum(dim=(0, 2))
+            buckets = [(k, num, den) for k, (num, den) in zip(keys, torch.stack([e, m], 1).tolist(), strict=True)]
         for key, num, den in buckets:
-            state.drift_num[key] = state.drift_num.get(key, 0.0) + float(num)
-            state.drift_den[key] = state.drift_den.get(key, 0.0) + float(den)
+            state.drift_num[key] = state.drift_num.get(key, 0.0) + num
+            state.drift_den[key] = state.drift_den.get(key, 0.0) + den
 
     def _drift_after_step(self) -> list[float | None]:
         """Close the step for rule="drift": update each sample's error rate; the estimate for the next step."""
