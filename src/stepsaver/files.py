@@ -97,22 +97,25 @@ def read_json(path: str | os.PathLike, what: str = "config", missing_hint: str =
         raise StepsaverError(f"{what} file {p} cannot be read: {exc}") from None
 
 
-def json_memo(path: str | os.PathLike, key: str, compute: Callable[[], object]) -> object:
+def json_memo(path: str | os.PathLike, key: str, compute: Callable[[], object], replace: bool = False) -> object:
     """The value stored under ``key`` in the JSON object at ``path``, computing and adding it if absent.
 
     Why one helper: benchmarks memoise slow, deterministic results (calibrated ratios, quality
     scores) across runs and processes. The file is re-read just before writing and the new entry
     merged in (an entry another process wrote meanwhile wins, so two processes agree on one value),
     then replaced atomically; a torn or unreadable file counts as empty, never as an error.
+    ``replace`` computes anew and overwrites the entry (a measurement the user asked to redo).
     """
     import json
 
     path = Path(path)
     found = _json_object(path)
-    if key in found:
+    if key in found and not replace:
         return found[key]
     value = compute()
     merged = _json_object(path)
+    if replace:
+        merged[key] = value
     merged.setdefault(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1, sort_keys=True)))

@@ -55,17 +55,30 @@ def test_toy_run_has_every_method_and_writes_the_report(tmp_path, monkeypatch):
     renders = []
     real = caches._render
     monkeypatch.setattr(caches, "_render", lambda *a, **k: renders.append(a[1]) or real(*a, **k))
-    again = bench_caches(_toy(tmp_path, unet_model=None), out_dir=tmp_path / "again", pipe=helpers.build_flux(),
-                         progress=False)
+    again = bench_caches(_toy(tmp_path, unet_model=None, retime=True), out_dir=tmp_path / "again",
+                         pipe=helpers.build_flux(), progress=False)
     n_methods = len(flux)
-    assert len(renders) == 3 * n_methods  # warm-up, one timed (time_n 1), memory; no renders, no MACs
+    assert len(renders) == 3 * n_methods  # retimed: warm-up, one timed (time_n 1), memory; no renders, no MACs
     assert [r["psnr_db"] for r in again["rows"]] == [r["psnr_db"] for r in flux]
     assert [r["gmacs_per_image"] for r in again["rows"]] == [r["gmacs_per_image"] for r in flux]
-    # Another scoring setting is scored again (MACs averaged over two prompts: two more renders a row).
+    assert all(r["timed_at"] >= f["timed_at"] for r, f in zip(again["rows"], flux, strict=True))
+    # Without --retime the block's timing comes from the ledger too: nothing calls the pipeline.
+    renders.clear()
+    third = bench_caches(_toy(tmp_path, unet_model=None), out_dir=tmp_path / "third", pipe=helpers.build_flux(),
+                         progress=False)
+    assert renders == [] and [r["speedup"] for r in third["rows"]] == [r["speedup"] for r in again["rows"]]
+    assert "tiny-flux 6 steps at " in (tmp_path / "third" / "caches.md").read_text()
+    # Another scoring setting is scored again (MACs averaged over two prompts: two renders a row);
+    # the timing, which does not depend on it, is not redone.
     renders.clear()
     bench_caches(_toy(tmp_path, unet_model=None, macs_n=2), out_dir=tmp_path / "macs", pipe=helpers.build_flux(),
                  progress=False)
-    assert len(renders) == 5 * n_methods
+    assert len(renders) == 2 * n_methods
+    # Another thread count is another measurement: the block is timed again.
+    renders.clear()
+    bench_caches(_toy(tmp_path, unet_model=None, threads=2), out_dir=tmp_path / "two", pipe=helpers.build_flux(),
+                 progress=False)
+    assert len(renders) == 3 * n_methods
 
 
 def test_a_busy_work_folder_is_refused(tmp_path):
@@ -208,8 +221,7 @@ def test_a_ledger_carries_a_run_to_a_machine_without_its_renders(tmp_path, monke
     monkeypatch.setattr(caches, "calibrate_magcache", lambda *a, **k: pytest.fail("MagCache recalibrated"))
     again = bench_caches(_toy(tmp_path, ledger=str(ledger), **small), out_dir=tmp_path / "b", pipe=pipe,
                          progress=False)
-    n_rows = len(first["rows"])
-    assert len(seen) == 3 * n_rows  # warm-up, one timed, memory: no render, no score
+    assert seen == []  # no render, no score, and the block's timing is in the ledger too
     key = ("method", "denoiser_calls", "psnr_db", "lpips", "gmacs_per_image")
     assert [[r[k] for k in key] for r in again["rows"]] == [[r[k] for k in key] for r in first["rows"]]
     # A new sweep point renders itself and its full-step reference (2 prompts each) and nothing else.
@@ -223,4 +235,5 @@ def test_a_ledger_carries_a_run_to_a_machine_without_its_renders(tmp_path, monke
     seen.clear()
     bench_caches(_toy(tmp_path, ledger=str(ledger), work=None, **small), out_dir=tmp_path / "d", pipe=pipe,
                  progress=False)
-    assert len(seen) == 3 * n_rows
+    assert seen == []
+    assert {"scores.json", "magcache.json", "timing.json"} <= {p.name for p in (ledger / "tiny-flux").iterdir()}

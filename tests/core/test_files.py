@@ -50,3 +50,12 @@ def test_json_lookup_reads_without_computing(tmp_path: Path) -> None:
     assert json_lookup(path, "a") == {"calls": [3, 4]} and json_lookup(path, "b") is None
     path.write_text('{"a": ')  # torn: empty, not an error
     assert json_lookup(path, "a") is None
+
+
+def test_json_memo_replace_recomputes_and_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "memo.json"
+    json_memo(path, "t", lambda: 1)
+    json_memo(path, "u", lambda: 5)
+    assert json_memo(path, "t", lambda: 2) == 1
+    assert json_memo(path, "t", lambda: 2, replace=True) == 2
+    assert json.loads(path.read_text()) == {"t": 2, "u": 5}

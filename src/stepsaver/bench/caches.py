@@ -40,6 +40,12 @@ hash everything that decides the images). A row found there is not rendered agai
 (small JSON, a few hundred KB) is what a long run commits to carry on in a later session on a
 fresh machine whose renders are gone: only the timing pass then calls the pipeline, and a row
 still missing re-renders its full-step reference first.
+
+**Timing is kept per block** (one model at one step count, every method interleaved on the same
+prompts in one process): speedups are ratios of medians within a block, so a block's timing is
+valid on its own and is kept in the ledger under its methods, prompts, threads and machine; a
+block with a new method, another thread count or another machine is timed again, and
+``retime`` redoes it. Each row says when its block was timed (``timed_at``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import io
 import json
@@ -187,6 +194,7 @@ class CachesBenchConfig:
     height: int | None = None  # None: the model's own size
     work: str | None = "runs/caches-bench"  # render cache (None: keep no image)
     ledger: str | None = None  # per-row calls and scores, MagCache's ratios (None: beside the renders in work)
+    retime: bool = False  # time every block again instead of taking the ledger's timing
     render_only: bool = False  # fill the render cache and stop: no timing, scores or report
     score_only: bool = False  # fill the render and score caches and stop: no timing or report
     extra_call_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -388,6 +396,14 @@ class _Renders:
         entry = json_lookup(self.ledger / self.base["model"] / "scores.json", key)
         return entry if isinstance(entry, dict) and isinstance(entry.get("calls"), list) else None
 
+    def timing(self, key: str, compute: Callable[[], dict[str, Any]], replace: bool) -> dict[str, Any]:
+        """A block's timing (seconds per method and prompt, peak memory), measured once per ``key``."""
+        if self.ledger is None:
+            return compute()
+        from stepsaver.files import json_memo
+
+        return json_memo(self.ledger / self.base["model"] / "timing.json", key, compute, replace=replace)
+
     def scores(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A row's calls per prompt and quality scores (PSNR, LPIPS, FID, adherence, MACs), once per ``key``.
 
@@ -543,7 +559,10 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         f"guidance {cfg.guidance:g} (true CFG on Flux); quality against the full-step images of the same scheduler. "
         f"MagCache ratios from its calibrate mode on {cfg.calib_n} training-split prompts.{unet} "
         f"Run took {elapsed / 60:.1f} min "
-        "(renders already on disk under the work folder are reused, so a resumed run's time is its remainder).", "",
+        "(rows and block timings found in the ledger are reused, so a resumed run's time is its remainder). "
+        "Each block (a model at a step count) was timed in one process, every method in turn on the same prompts: "
+        + "; ".join(f"{m} {st} steps at {t}" for (m, st), t in
+                    dict.fromkeys(((r["model"], r["steps"]), r["timed_at"]) for r in rows).keys()) + ".", "",
         "## Targets", "", *(v["text"] for v in verdicts.values()), "",
         "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
         "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
@@ -729,22 +748,34 @@ def _block(pipe: Any, label: str, cfg: CachesBenchConfig, steps: int, kinds: Seq
             return []
         if cfg.score_only:
             return []
-        seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
-        for m in methods:  # one untimed call each (allocations, lazy imports)
-            _render(pipe, m, prompts[0], seeds[0], cfg, mag)
-        task = bar.add_task(f"{label} {steps} steps: timing", total=time_n)
-        for i in range(time_n):
-            for m in methods:
-                seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
-            bar.advance(task)
-    median = {m: statistics.median(v) for m, v in seconds.items()}
+        name = {m: renders.folder(m, mag.get(m.steps)) or m.label for m in methods}
+
+        def timed() -> dict[str, Any]:
+            seconds: dict[CacheMethod, list[float]] = {m: [] for m in methods}
+            for m in methods:  # one untimed call each (allocations, lazy imports)
+                _render(pipe, m, prompts[0], seeds[0], cfg, mag)
+            task = bar.add_task(f"{label} {steps} steps: timing", total=time_n)
+            for i in range(time_n):
+                for m in methods:
+                    seconds[m].append(_render(pipe, m, prompts[i], seeds[i], cfg, mag)[2])
+                bar.advance(task)
+            peak = {name[m]: peak_memory_bytes(lambda m=m: _render(pipe, m, prompts[0], seeds[0], cfg, mag))
+                    for m in methods}
+            return {"seconds": {name[m]: v for m, v in seconds.items()}, "peak_bytes": peak,
+                    "timed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+        from stepsaver.shrink.optimize import machine_info
+
+        block = json.dumps({"methods": sorted(name.values()), "prompts": prompts[:time_n], "seeds": seeds[:time_n],
+                            "device": cfg.device, "machine": machine_info()}, sort_keys=True)
+        timing = renders.timing(block, timed, replace=cfg.retime)
+    median = {m: statistics.median(timing["seconds"][name[m]]) for m in methods}
     rows = []
     for m in methods:
-        peak = peak_memory_bytes(lambda m=m: _render(pipe, m, prompts[0], seeds[0], cfg, mag))
         rows.append({"model": label, "steps": steps, "method": m.label, "kind": m.kind, "knobs": dict(m.knobs),
                      "denoiser_calls": float(np.mean(calls[m])), "gmacs_per_image": scores[m]["gmacs_per_image"],
-                     "peak_memory_mb": peak / 2**20, "median_latency_ms": median[m] * 1e3,
+                     "peak_memory_mb": timing["peak_bytes"][name[m]] / 2**20, "median_latency_ms": median[m] * 1e3,
                      "speedup": median[full] / median[m], "psnr_db": scores[m]["psnr_db"],
                      "lpips": scores[m]["lpips"], "fid": scores[m]["fid"], "adherence": scores[m]["adherence"],
-                     "iso_of": iso_of.get(m, [])})
+                     "iso_of": iso_of.get(m, []), "timed_at": timing["timed_at"]})
     return rows

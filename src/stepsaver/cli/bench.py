@@ -337,6 +337,8 @@ def bench_caches_cmd(
                                            "(default: OUT/caches-ledger; 'none': beside the renders)."),
     render_only: bool = typer.Option(False, "--render-only",
                                      help="Fill the render cache and stop (run each half in its own process)."),
+    retime: bool = typer.Option(False, "--retime", help="Time every block again (default: the ledger's timing "
+                                                        "of a block with the same methods, threads and machine)."),
     score_only: bool = typer.Option(False, "--score-only",
                                     help="Fill the render and score caches (FID, LPIPS, adherence, MACs) and stop; "
                                          "the report run then only times."),
@@ -354,7 +356,7 @@ def bench_caches_cmd(
                             guidance=guidance, seed=seed, fid=fid, adherence=adherence, threads=threads,
                             unet_model=none(unet_model), unet_n=unet_n, work=str(work),
                             ledger=str(out / "caches-ledger") if ledger is None else none(ledger),
-                            render_only=render_only,
+                            render_only=render_only, retime=retime,
                             score_only=score_only)
     result = bench_caches(cfg, out_dir=out, progress=not as_json)
     if render_only or score_only:
