@@ -237,3 +237,23 @@ def test_a_ledger_carries_a_run_to_a_machine_without_its_renders(tmp_path, monke
                  progress=False)
     assert seen == []
     assert {"scores.json", "magcache.json", "timing.json"} <= {p.name for p in (ledger / "tiny-flux").iterdir()}
+
+
+def test_equal_calls_interpolates_the_timer_and_plain_curves():
+    from stepsaver.bench.caches import equal_calls
+
+    def row(kind, calls, psnr, lpips, method=None):
+        return {"model": "m", "steps": 28, "kind": kind, "method": method or f"{kind} {calls}",
+                "denoiser_calls": calls, "psnr_db": psnr, "lpips": lpips}
+
+    rows = [row("full", 28, None, 0.0), row("fixed", 8, 35.0, 0.015), row("fixed", 12, 45.0, 0.005),
+            row("plain", 7, 30.0, 0.046), row("iso", 10, 33.5, 0.030), row("plain", 11, 35.0, 0.025),
+            row("drift", 11.0, 42.9, 0.004, "drift a"), row("ours", 10.0, 39.0, 0.012, "ours a"),
+            row("ours", 20.0, 50.0, 0.001, "ours far")]
+    by = {r["method"]: r for r in equal_calls(rows)}
+    assert set(by) == {"drift a", "ours a", "ours far"}  # only our adaptive rows
+    a = by["drift a"]
+    assert a["fixed_psnr_db"] == pytest.approx(42.5) and a["fixed_lpips"] == pytest.approx(0.0075)
+    assert a["plain_psnr_db"] == pytest.approx(35.0) and a["vs_fixed"] == "better" and a["vs_plain"] == "better"
+    assert by["ours a"]["fixed_psnr_db"] == pytest.approx(40.0) and by["ours a"]["vs_fixed"] == "worse"
+    assert by["ours far"]["fixed_psnr_db"] is None and by["ours far"]["vs_fixed"] == "n/a"  # outside the curve

@@ -72,7 +72,7 @@ from stepsaver.caches import CACHE_KINDS, CacheSpec, cache_kinds_for, deepcache_
 from stepsaver.errors import StepsaverError
 from stepsaver.jsonsafe import finite
 
-__all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcache", "cache_verdicts"]
+__all__ = ["CacheMethod", "CachesBenchConfig", "bench_caches", "calibrate_magcache", "cache_verdicts", "equal_calls"]
 
 SPEEDUP_RANGE = (1.5, 3.0)  # issue 19's target band
 DIFFUSERS_CACHES = tuple(CACHE_KINDS)
@@ -472,6 +472,50 @@ def cache_verdicts(rows: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
+def _interpolate(curve: Sequence[dict], calls: float, key: str) -> float | None:
+    """``key`` of a piecewise-linear curve (rows sorted by denoiser calls) at ``calls``; ``None`` outside it."""
+    points = [(r["denoiser_calls"], r[key]) for r in curve if r.get(key) is not None]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= calls <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (calls - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == calls else None
+
+
+def equal_calls(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Each adaptive row of our hook beside the two non-adaptive curves at its own denoiser calls.
+
+    Why: speedups are noisy and a rival's curve rarely has a point at our speed, so the verdicts
+    compare with whatever row happens to be faster. At equal calls the question is exact: does
+    the rule choose *which* steps to reuse better than a timer (fixed interval, the same hook and
+    reuse) and better than simply running fewer steps (plain steps, the iso-cost rows included)?
+    Both curves are interpolated linearly in calls between their measured rows; outside a curve's
+    range the cell is empty.
+    """
+    out = []
+    for model in dict.fromkeys(r.get("model", "") for r in rows):
+        for steps in sorted({r["steps"] for r in rows if r.get("model", "") == model}):
+            at = [r for r in rows if r["steps"] == steps and r.get("model", "") == model]
+            fixed = sorted((r for r in at if r["kind"] == "fixed"), key=lambda r: r["denoiser_calls"])
+            plain = sorted((r for r in at if r["kind"] in ("plain", "iso")), key=lambda r: r["denoiser_calls"])
+            for o in (r for r in at if r["kind"] in OURS):
+                row: dict[str, Any] = {"model": model, "steps": steps, "method": o["method"],
+                                       "denoiser_calls": o["denoiser_calls"], "psnr_db": o["psnr_db"],
+                                       "lpips": o["lpips"]}
+                for name, curve in (("fixed", fixed), ("plain", plain)):
+                    psnr = _interpolate(curve, o["denoiser_calls"], "psnr_db")
+                    lpips = _interpolate(curve, o["denoiser_calls"], "lpips")
+                    row[f"{name}_psnr_db"], row[f"{name}_lpips"] = psnr, lpips
+                    row[f"vs_{name}"] = ("n/a" if psnr is None or lpips is None else
+                                         "better" if o["psnr_db"] > psnr and o["lpips"] < lpips else
+                                         "worse" if o["psnr_db"] < psnr and o["lpips"] > lpips else "mixed")
+                out.append(row)
+    return out
+
+
+EQUAL_CALLS_COLUMNS = ["model", "steps", "method", "denoiser_calls", "psnr_db", "fixed_psnr_db", "plain_psnr_db",
+                       "lpips", "fixed_lpips", "plain_lpips", "vs_fixed", "vs_plain"]
+
+
 def _verdict(at: Sequence[dict], where: str, kind: str = "ours") -> dict[str, Any]:
     ours = [r for r in at if r["kind"] == kind and SPEEDUP_RANGE[0] <= r["speedup"] <= SPEEDUP_RANGE[1]]
     caches = [r for r in at if r["kind"] in RIVALS]
@@ -543,11 +587,12 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         return {"rows": [], "targets": {}, "seconds": time.perf_counter() - t0, "json": None, "md": None,
                 "plots": []}
     verdicts = cache_verdicts(rows)
+    matched = equal_calls(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = _pareto_plot(out, rows)
     elapsed = time.perf_counter() - t0
-    from stepsaver.measure.report import write_report
+    from stepsaver.measure.report import markdown_table, write_report
     from stepsaver.shrink.optimize import machine_info
 
     unet = (f" The UNet half ({cfg.unet_model}, its own scheduler) renders the first {cfg.unet_n or cfg.n} of the "
@@ -564,6 +609,10 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
         + "; ".join(f"{m} {st} steps at {t}" for (m, st), t in
                     dict.fromkeys(((r["model"], r["steps"]), r["timed_at"]) for r in rows).keys()) + ".", "",
         "## Targets", "", *(v["text"] for v in verdicts.values()), "",
+        "## Our hook at equal calls", "",
+        "Each adaptive row beside the fixed interval (the same hook on a timer) and plain steps, both "
+        "interpolated linearly at its own denoiser calls; better = higher PSNR and lower LPIPS.", "",
+        markdown_table(finite(matched), EQUAL_CALLS_COLUMNS), "",
         "Block-level caches (FirstBlockCache, MagCache, TaylorSeer, PAB, FasterCache) call the transformer every "
         "step and save work inside it, so their saving shows in MACs and latency, not in denoiser calls; ours "
         "skips whole calls. DeepCache also calls the UNet every step and reuses its deep features. "
@@ -573,7 +622,8 @@ def bench_caches(cfg: CachesBenchConfig | None = None, out_dir: str | Path = "do
     title = "Caches: Skip beside diffusers' caches on " + " and ".join(m for m in (cfg.model, cfg.unet_model) if m)
     paths = write_report("caches", finite(table), title=title,
                          summary=summary, extra=finite({"config": asdict(cfg) | {"extra_call_kwargs": None},
-                                                        "targets": verdicts, "magcache_ratios": mag,
+                                                        "targets": verdicts, "equal_calls": matched,
+                                                        "magcache_ratios": mag,
                                                         "machine": machine_info(), "seconds": elapsed}),
                          plots=[plot], out_dir=out, columns=COLUMNS)
     return {"rows": table, "targets": verdicts, "seconds": elapsed, "json": str(paths["json"]),
