@@ -257,3 +257,7 @@ def test_equal_calls_interpolates_the_timer_and_plain_curves():
     assert a["plain_psnr_db"] == pytest.approx(35.0) and a["vs_fixed"] == "better" and a["vs_plain"] == "better"
     assert by["ours a"]["fixed_psnr_db"] == pytest.approx(40.0) and by["ours a"]["vs_fixed"] == "worse"
     assert by["ours far"]["fixed_psnr_db"] is None and by["ours far"]["vs_fixed"] == "n/a"  # outside the curve
+    rows.append(row("drift", 7.9, 35.5, 0.014, "drift near"))  # 1.3% under the curve's first point: equal calls
+    near = {r["method"]: r for r in equal_calls(rows)}["drift near"]
+    assert near["fixed_psnr_db"] == 35.0 and near["vs_fixed"] == "better"
+    assert near["plain_psnr_db"] == pytest.approx(31.05)  # inside the plain curve: interpolated as usual
