@@ -321,3 +321,36 @@ def test_a_spent_time_budget_keeps_the_renders_and_says_so(pipe, tmp_path):
     again = calibrate(pipe, PROMPTS, "lpips<=0.2", space=SMALL, work=tmp_path / "w", budget_minutes=1e-9, **KW)
     assert again.summary["renders_made"] == 0 and not again.summary["out_of_time"]
     assert again.config.candidate == full.config.candidate
+
+
+def test_the_calibration_stage_races_a_clear_miss_out_early():
+    """A setting hopeless on a prefix of the calibration prompts is dropped there; one that is not
+    is measured on every prompt (a setting is never chosen on a prefix)."""
+    from stepsaver.calibrate.search import _raced
+
+    @dataclass
+    class Seen:
+        n: int
+        bad: bool
+
+        def hopeless(self) -> bool:
+            return self.bad
+
+    class FakeSearch:
+        def __init__(self, hopeless_from: int | None) -> None:
+            self.looks: list[int] = []
+            self.hopeless_from = hopeless_from
+
+        def evaluate(self, candidate, indices, what):
+            self.looks.append(len(indices))
+            return Seen(len(indices), self.hopeless_from is not None and len(indices) >= self.hopeless_from)
+
+    cal = list(range(40))
+    miss = FakeSearch(hopeless_from=16)
+    assert _raced(miss, None, cal, "x", chunk=8).n == 16 and miss.looks == [8, 16]
+    fine = FakeSearch(hopeless_from=None)
+    assert _raced(fine, None, cal, "x", chunk=16).n == 40 and fine.looks == [16, 32, 40]
+    late = FakeSearch(hopeless_from=40)  # only all prompts show the miss
+    assert _raced(late, None, cal, "x", chunk=16).n == 40
+    short = FakeSearch(hopeless_from=None)  # fewer prompts than a chunk: one look at all of them
+    assert _raced(short, None, cal[:9], "x", chunk=16).n == 9 and short.looks == [9]

@@ -10,7 +10,8 @@ The search, in the order it spends time:
    at least as good): once a candidate misses the tolerance even at its interval's better end,
    the cheaper settings of its line are pruned unrendered.
 4. **Calibrate**: the screen's survivors, cheapest first (those that met the tolerance on the
-   screen before those that did not), on all calibration prompts, until every family (plain
+   screen before those that did not), on all calibration prompts (raced: 16 at a time, a clear
+   miss dropped at the first look that shows it), until every family (plain
    steps, Skip alone, recommender alone, cache alone, combinations) has its cheapest setting
    that *passes*: holds with confidence (the 95% interval's worse end inside the tolerance) and
    is expected to on the held-out part too (the interval a sample of the held-out size would
@@ -48,6 +49,7 @@ from stepsaver.files import exclusive_folder, write_atomically
 __all__ = ["CalibrationResult", "Evaluation", "calibrate"]
 
 SINGLE_KNOBS = ("steps", "skip", "recommender", "cache")
+RACE_CHUNK = 16  # calibration prompts per look of the calibration stage's race (see _raced)
 
 
 class _OutOfTime(Exception):
@@ -587,6 +589,25 @@ def _screen(search: _Search, candidates: Sequence[Candidate], idx: Sequence[int]
     return out
 
 
+def _raced(search: _Search, candidate: Candidate, cal: Sequence[int], what: str,
+           chunk: int = RACE_CHUNK) -> Evaluation:
+    """``candidate`` on growing prefixes of the calibration prompts, stopped at the first hopeless one.
+
+    Why (racing, as in F-race or Hoeffding races): most settings the calibration stage measures
+    miss, and a clear miss is clear long before all calibration prompts are rendered; one that
+    misses even at its interval's better end on ``chunk`` prompts is dropped there (renders are
+    cached per prompt, so each look renders only the new prompts). Only a miss stops early: a
+    setting is chosen on every calibration prompt, never on a prefix. The returned evaluation's
+    ``n`` says how many prompts it saw.
+    """
+    looks = sorted({*range(chunk, len(cal), chunk), len(cal)})
+    for k in looks:
+        e = search.evaluate(candidate, cal[:k], what)
+        if k == len(cal) or e.hopeless():
+            return e
+    raise AssertionError("unreachable: the last look is every calibration prompt")
+
+
 def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Sequence[int],
                      n_heldout: int) -> list[Evaluation]:
     """Survivors on all calibration prompts, cheapest first, until each family has a passing setting.
@@ -611,7 +632,7 @@ def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Seque
                 continue  # a cheaper setting of this family already holds with confidence
             if any(no_better_than(e.candidate, h) for h in hopeless):
                 continue  # expected no better than a setting that missed on all calibration prompts
-            full = search.evaluate(e.candidate, cal, f"calibrate: {e.candidate.label}")
+            full = _raced(search, e.candidate, cal, f"calibrate: {e.candidate.label}")
             if full.hopeless():
                 hopeless.append(e.candidate)
             out.append(full)
