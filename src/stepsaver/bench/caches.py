@@ -113,8 +113,8 @@ class CacheMethod:
         from stepsaver.skip import AdaptiveSkipConfig
 
         knobs = dict(self.knobs)
-        if self.kind == "ours":  # the shipped default at this threshold
-            return AdaptiveSkipConfig(threshold=knobs["threshold"])
+        if self.kind == "ours":  # the criterion (pinned: drift has its own rows), else Skip's defaults
+            return AdaptiveSkipConfig(threshold=knobs["threshold"], rule="criterion")
         if self.kind == "drift":
             return AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"], max_skips=knobs["max_skips"])
         return AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1)
