@@ -114,9 +114,7 @@ def json_memo(path: str | os.PathLike, key: str, compute: Callable[[], object], 
         return found[key]
     value = compute()
     merged = _json_object(path)
-    if replace:
-        merged[key] = value
-    merged.setdefault(key, value)
+    merged[key] = value if replace else merged.get(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=1, sort_keys=True)))
     return merged[key]

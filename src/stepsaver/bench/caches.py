@@ -387,13 +387,17 @@ class _Renders:
         """The name of the method's render folder (``None`` with neither work folder nor ledger)."""
         return None if self.ledger is None else self._name(method, mag)
 
+    def _ledger_file(self, name: str) -> Path:
+        assert self.ledger is not None
+        return self.ledger / self.base["model"] / name
+
     def known(self, key: str) -> dict[str, Any] | None:
         """The row's ledger entry (calls per prompt and scores) when complete, else ``None``."""
         if self.ledger is None:
             return None
         from stepsaver.files import json_lookup
 
-        entry = json_lookup(self.ledger / self.base["model"] / "scores.json", key)
+        entry = json_lookup(self._ledger_file("scores.json"), key)
         return entry if isinstance(entry, dict) and isinstance(entry.get("calls"), list) else None
 
     def timing(self, key: str, compute: Callable[[], dict[str, Any]], replace: bool) -> dict[str, Any]:
@@ -402,7 +406,7 @@ class _Renders:
             return compute()
         from stepsaver.files import json_memo
 
-        return json_memo(self.ledger / self.base["model"] / "timing.json", key, compute, replace=replace)
+        return json_memo(self._ledger_file("timing.json"), key, compute, replace=replace)
 
     def scores(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A row's calls per prompt and quality scores (PSNR, LPIPS, FID, adherence, MACs), once per ``key``.
@@ -411,8 +415,8 @@ class _Renders:
         a block of renders, and a resumed or extended run (another step count, a new sweep point)
         would redo it for rows whose images have not changed. ``key`` names both render folders
         (the row's and its full-step reference, which hash everything that decides the images)
-        and the scoring settings, so a changed image or setting is scored again. Timing is never
-        cached: speedups are ratios of medians measured in the same run. FID's runtime (ONNX
+        and the scoring settings, so a changed image or setting is scored again. Timing is kept
+        apart, per block (:meth:`timing`): speedups are ratios of medians within one block. FID's runtime (ONNX
         Runtime or TorchScript, features equal to 1e-4) is not part of the key. The file is merged
         and replaced atomically, so two processes can add rows to one ledger.
         """
@@ -420,7 +424,7 @@ class _Renders:
             return compute()
         from stepsaver.files import json_memo
 
-        return json_memo(self.ledger / self.base["model"] / "scores.json", key, compute)
+        return json_memo(self._ledger_file("scores.json"), key, compute)
 
     @contextlib.contextmanager
     def lock(self, method: CacheMethod, mag: Sequence[float] | None, wait: bool) -> Iterator[bool]:
