@@ -38,9 +38,11 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     assert torch.get_num_threads() == threads  # restored
     payload = json.loads((tmp_path / "skip.json").read_text())
     keys = [r["key"] for r in payload["rows"]]
-    assert keys == ["full", "ours", "ours_batch", "paper", "compat", "full_compiled", "ours_compiled",
-                    "deepcache_2", "deepcache_3", "deepcache_5", "fixed_2", "fixed_3", "fixed_5", "drift_0.1",
+    assert keys == ["full", "ours", "ours_batch", "criterion", "paper", "compat", "full_compiled", "ours_compiled",
+                    "deepcache_2", "deepcache_3", "deepcache_5", "fixed_2", "fixed_3", "fixed_5", "drift_0.06",
                     "drift_0.15", "iso"]
+    assert payload["config"]["threshold"] == 0.1 and payload["config"]["max_skips"] == 6  # ours = Skip's default
+    assert "drift rule" in payload["rows"][1]["method"] and "previous default" in payload["rows"][3]["method"]
     for row in payload["rows"]:
         assert set(COLUMNS) <= set(row)
         assert row["denoiser_calls"] <= 6 and row["gmacs_per_image"] > 0 and row["median_latency_ms"] > 0
@@ -54,9 +56,9 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     # fixed interval: 4 warm-up calls, then one every k steps (6 steps: k=2 -> step 5 runs; k>=3 -> none)
     assert [by_key[f"fixed_{k}"]["denoiser_calls"] for k in (2, 3, 5)] == [5, 4, 4]
     sweep = payload["scheduler_sweep"]
-    # per scheduler: ours, its iso-cost, paper, the drift rule, its iso-cost
-    assert [r["method"][:3] for r in sweep] == ["our", "iso", "pap", "dri", "iso"] * 2
-    assert [r.get("iso_of") for r in sweep[:5]] == [None, "ours", None, None, "drift"]
+    # per scheduler: ours (the shipped drift rule), its iso-cost, the criterion, its iso-cost, the paper's rule
+    assert [r["method"][:3] for r in sweep] == ["our", "iso", "cri", "iso", "pap"] * 2
+    assert [r.get("iso_of") for r in sweep[:5]] == [None, "ours", None, "criterion", None]
     assert [r["scheduler"] for r in sweep] == ["ddim"] * 5 + ["heun"] * 5
     assert sweep[5]["full_calls"] == 11  # heun is second-order: 2N - 1 calls in N steps
     assert dc5["gmacs_per_image"] < full["gmacs_per_image"]  # DeepCache's saving shows in MACs
@@ -64,12 +66,12 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     assert {"beats_iso", "iso_steps", "iso_psnr_db"} <= set(payload["ablation_grid"][0])
     assert len(payload["oracle"]["prompts"]) == 1 and "p_value" in payload["oracle"]["chi2"]
     assert set(payload["targets"]) == {"calls_speed_quality", "beats_deepcache_ddim", "beats_fixed_ddim",
-                                       "beats_iso_ddim", "scheduler_sweep", "scheduler_sweep_drift"}
+                                       "beats_iso_ddim", "scheduler_sweep", "scheduler_sweep_criterion"}
     md = (tmp_path / "skip.md").read_text()
     assert "**Target 1 (DDIM, 6 steps" in md and "**Target 2 (ddim" in md and "**Target 3 (ddim" in md
     assert "**Target 4 (ddim" in md
-    assert "## Ablation: delta x C_max" in md and "## Oracle vs estimator" in md
-    assert "## Every scheduler" in md and "**Scheduler sweep" in md and "**Scheduler sweep, drift rule" in md
+    assert "## Ablation: threshold x C_max of ours" in md and "## Oracle vs estimator" in md
+    assert "## Every scheduler" in md and "**Scheduler sweep" in md and "**Scheduler sweep, criterion rule" in md
     for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png", "skip-schedulers.png"):
         assert (tmp_path / name).stat().st_size > 0 and name in md
     assert result["md"] == str(tmp_path / "skip.md")
@@ -84,7 +86,7 @@ def test_targets_are_decided_from_the_numbers():
     rows = [_row("full", 1.0, None, 0.0, calls=50), _row("ours", 1.9, 27.0, 0.05),
             _row("deepcache_2", 1.5, 25.0, 0.08), _row("deepcache_5", 2.5, 20.0, 0.2),
             _row("iso", 2.0, 28.0, 0.04, steps=25)]
-    grid = [{"scheduler": "ddim", "delta": 0.005, "max_skips": 2, "psnr_db": 30.0, "iso_psnr_db": 29.0,
+    grid = [{"scheduler": "ddim", "threshold": 0.005, "max_skips": 2, "psnr_db": 30.0, "iso_psnr_db": 29.0,
              "iso_steps": 40, "beats_iso": True}]
     out = targets(rows, grid, 50)
     assert out["calls_speed_quality"]["holds"] is True and "holds**" in out["calls_speed_quality"]["text"]

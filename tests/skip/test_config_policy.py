@@ -8,24 +8,58 @@ import torch
 from stepsaver import StepsaverError
 from stepsaver.serve.engine import BatchKey
 from stepsaver.skip import AdaptiveSkipConfig, CriterionPolicy, SkipPolicy, skip_report
+from stepsaver.skip.config import COMPAT_DEFAULTS, DEFAULT_RULE, RULE_DEFAULTS, adds_fresh_noise
 from stepsaver.skip.hook import HOOK_NAME, AdaptiveSkipHook
 
 
 def test_config_is_frozen_hashable_and_keeps_the_only_defaults():
-    a, b = AdaptiveSkipConfig(), AdaptiveSkipConfig(threshold=0.02, max_skips=4, scale="sigma", reuse="noise")
+    a, b = AdaptiveSkipConfig(), AdaptiveSkipConfig(threshold=0.1, max_skips=6, scale="sigma", reuse="auto",
+                                                    rule="drift")
     assert a == b and hash(a) == hash(b) and len({a, b, AdaptiveSkipConfig(threshold=0.01)}) == 2
-    assert (AdaptiveSkipConfig.threshold, AdaptiveSkipConfig.max_skips) == (a.threshold, a.max_skips)
+    assert (a.rule, a.threshold, a.max_skips) == (DEFAULT_RULE, *RULE_DEFAULTS[DEFAULT_RULE])
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.max_skips = 2
     assert hash(BatchKey(steps=20, skip=a)) == hash(BatchKey(steps=20, skip=b))
     assert BatchKey(steps=20, skip=a) != BatchKey(steps=20, skip=AdaptiveSkipConfig(max_skips=2))
     with pytest.raises(StepsaverError, match="threshold"):
         AdaptiveSkipConfig(threshold=float("nan"))
-    for bad in (dict(scale="log"), dict(reuse="latent")):
+    for bad in (dict(scale="log"), dict(reuse="latent"), dict(rule="third-order")):
         with pytest.raises(StepsaverError, match=next(iter(bad))):
             AdaptiveSkipConfig(**bad)
-    official = AdaptiveSkipConfig(threshold=0.01, compat=True)  # compat implies the official measure and reuse
-    assert (official.scale, official.reuse) == ("latent", "output")
+    official = AdaptiveSkipConfig(compat=True)  # compat implies the criterion, its measure, reuse and the paper's delta
+    assert (official.rule, official.scale, official.reuse, official.threshold, official.max_skips) == \
+        ("criterion", "latent", "output", *COMPAT_DEFAULTS)
+    with pytest.raises(StepsaverError, match="compat mode reproduces the official criterion"):
+        AdaptiveSkipConfig(compat=True, rule="drift")
+
+
+def test_each_rule_gets_its_own_defaults_and_written_out_defaults_compare_equal():
+    """A rule left to its defaults must not inherit another rule's threshold (they mean different things)."""
+    criterion = AdaptiveSkipConfig(rule="criterion")
+    assert (criterion.threshold, criterion.max_skips) == RULE_DEFAULTS["criterion"] == (0.02, 4)
+    assert AdaptiveSkipConfig(rule="criterion", threshold=0.05).max_skips == 4
+    assert AdaptiveSkipConfig(rule="fixed", max_skips=2).threshold == 0.0
+    assert AdaptiveSkipConfig(rule="criterion") == AdaptiveSkipConfig(rule="criterion", threshold=0.02, max_skips=4)
+
+
+def test_auto_reuse_takes_the_data_prediction_on_schedulers_that_add_fresh_noise():
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LCMScheduler,
+    )
+
+    cfg = AdaptiveSkipConfig()
+    assert cfg.reuse == "auto"
+    for scheduler, expected in ((DDIMScheduler(), "noise"), (EulerDiscreteScheduler(), "noise"),
+                                (DPMSolverMultistepScheduler(), "noise"), (EulerAncestralDiscreteScheduler(), "x0"),
+                                (LCMScheduler(), "x0"),
+                                (DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), "x0")):
+        assert cfg.reuse_for(scheduler) == expected, type(scheduler).__name__
+        assert adds_fresh_noise(scheduler) == (expected == "x0")
+    assert AdaptiveSkipConfig(reuse="noise").reuse_for(EulerAncestralDiscreteScheduler()) == "noise"
 
 
 class EveryOtherStep(SkipPolicy):
@@ -62,11 +96,11 @@ def test_the_hook_takes_a_policy_instead_of_being_subclassed(embedded_pipe):
     assert report.calls_of(0) == report.denoiser_calls == 5 and report.saved_of(0) == 3
 
 
-def test_the_criterion_policy_is_the_default():
+def test_the_criterion_policy_decides_by_the_third_order_test():
     flat = [[1.0]] * 4  # D_1..D_4 after step 4, one sample: a straight trajectory
-    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.5)).decide(flat, [None] * 5, 1) == [True]
-    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.0)).decide(flat, [None] * 5, 1) == [False]
-    shared = CriterionPolicy(AdaptiveSkipConfig(threshold=0.5, per_sample=False))
+    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.5, rule="criterion")).decide(flat, [None] * 5, 1) == [True]
+    assert CriterionPolicy(AdaptiveSkipConfig(threshold=0.0, rule="criterion")).decide(flat, [None] * 5, 1) == [False]
+    shared = CriterionPolicy(AdaptiveSkipConfig(threshold=0.5, per_sample=False, rule="criterion"))
     assert shared.decide([1.0] * 4, [False] * 5, 1) is True and not shared.per_sample
 
 

@@ -247,7 +247,7 @@ def test_threshold_zero_gives_the_same_png_through_generate(pipe):
 
 
 def test_state_resets_every_call_and_follows_a_swapped_scheduler(pipe):
-    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05))
+    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05, rule="criterion"))
     a = run(pipe, ["a blue car"], 10)
     first = skip_report(pipe)
     b = run(pipe, ["a blue car"], 10)
@@ -260,13 +260,13 @@ def test_state_resets_every_call_and_follows_a_swapped_scheduler(pipe):
     assert "step" not in old.__dict__ and "step" in pipe.scheduler.__dict__
     swapped = skip_report(pipe)
     disable_adaptive_skip(pipe)
-    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05))
+    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05, rule="criterion"))
     assert bits(run(pipe, ["a blue car"], 10)) == bits(c) and skip_report(pipe) == swapped
 
 
 def test_a_call_stopped_mid_way_leaves_no_state_for_the_next(pipe):
     """A pipeline call that raises at step 5 (user callback, Ctrl-C): the next call starts fresh."""
-    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05))
+    enable_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.05, rule="criterion"))
     try:
         fresh = run(pipe, ["a blue car"], 10)
         report = skip_report(pipe)
@@ -301,14 +301,16 @@ def check_batch_equals_separate_calls(p, kind, prompts, steps, config, atol):
 
 def test_per_sample_paths_batch_equals_separate_calls_embedded(pipe):
     prompts = ["a red cat on grass", "a blue car", "two yellow stars at night"]
-    check_batch_equals_separate_calls(pipe, "embedded", prompts, 12, AdaptiveSkipConfig(threshold=0.01), atol=1e-4)
+    config = AdaptiveSkipConfig(threshold=0.01, rule="criterion")
+    check_batch_equals_separate_calls(pipe, "embedded", prompts, 12, config, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind,scheduler,threshold", [("sdxl", "euler", 0.17), ("pixart", "euler", 0.4)])
 def test_per_sample_paths_batch_equals_separate_calls_tiny(tiny_pipes, kind, scheduler, threshold):
     prompts = ["a red cat", "blue car", "stars"]
     check_batch_equals_separate_calls(tiny_pipes(kind, scheduler), kind, prompts, 10,
-                                      AdaptiveSkipConfig(threshold=threshold, scale="latent"), atol=1e-4)
+                                      AdaptiveSkipConfig(threshold=threshold, scale="latent", rule="criterion"),
+                                      atol=1e-4)
 
 
 def test_compat_mode_shares_one_path_with_the_official_quirk(pipe):

@@ -192,10 +192,15 @@ class Family:
         return self.steps if self.ran_steps is None else self.ran_steps
 
     def config(self, threshold: float | None = None) -> AdaptiveSkipConfig:
-        """The family's high threshold (the default config for few-step LCM), or ``threshold``."""
+        """The criterion at the family's high threshold (the default config for few-step LCM), or ``threshold``.
+
+        The criterion's thresholds here were set per family on these random weights; the default rule
+        (drift) gets its own cells (``test_the_default_rule_skips_...``) at ``DRIFT_HIGH``.
+        """
         if threshold is None:
-            return AdaptiveSkipConfig() if self.few_step else AdaptiveSkipConfig(threshold=self.threshold)
-        return AdaptiveSkipConfig(threshold=threshold)
+            return AdaptiveSkipConfig() if self.few_step else \
+                AdaptiveSkipConfig(threshold=self.threshold, rule="criterion")
+        return AdaptiveSkipConfig(threshold=threshold, rule="criterion")
 
     def enable(self, pipe, config: AdaptiveSkipConfig) -> None:
         self.setup(pipe, lambda: enable_adaptive_skip(pipe, config))
@@ -478,6 +483,36 @@ def test_disable_restores_the_original_forward(family):
     assert HOOK_NAME not in denoiser._diffusers_hook.hooks
     assert "step" not in scheduler.__dict__ and "set_timesteps" not in scheduler.__dict__
     assert bits(generate(family)) == bits(ref)
+
+
+DRIFT_HIGH = 10.0  # random weights: a reused output is off by 40-100% (noise) or 200-600% (x0) per step
+
+
+@families(PER_SAMPLE)
+def test_the_default_rule_skips_and_a_batch_of_two_equals_two_single_calls(family):
+    """The shipped rule (drift, reuse="auto") on every family: it skips, counts what ran, and measures each
+    sample's reuse error on its own rows (a batch of two follows the paths of two single calls)."""
+    fam, pipe = FAMILIES[family], _pipe(family)
+    config = AdaptiveSkipConfig() if fam.few_step else AdaptiveSkipConfig(threshold=DRIFT_HIGH)
+    assert config.rule == "drift"
+    fam.enable(pipe, config)
+    try:
+        with network_runs(pipe) as runs:
+            batch = generate(family, seeds=(0, 1))
+        report = skip_report(pipe)
+        singles = []
+        for i in (0, 1):
+            alone = generate(family, seeds=(i,))
+            singles.append((alone, skip_report(pipe)))
+    finally:
+        disable_adaptive_skip(pipe)
+    assert report.rule == "drift" and report.reuse in ("noise", "x0")
+    assert report.batch_size == 2 and report.steps == fam.expected_steps and runs[0] == report.denoiser_calls
+    assert (report.calls_saved == 0) if fam.few_step else (report.calls_saved > 0)
+    for i, (alone, single) in enumerate(singles):
+        assert report.path(i) == single.path(0), f"sample {i}: batch path differs from its single call's"
+        assert report.calls_of(i) == single.denoiser_calls
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-4, atol=1e-4)
 
 
 # --- cells of one family --------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def test_huge_tolerance_skips_as_much_as_max_skips_allows(pipe, max_skips, expec
 
 
 def test_oracle_with_the_estimator_budget_and_first_step(pipe):
-    config = AdaptiveSkipConfig(threshold=0.05)
+    config = AdaptiveSkipConfig(threshold=0.05, rule="criterion")
     result = greedy_oracle(pipe, PROMPT, steps=12, tolerance=None, estimator=config, first=6)
     assert result.tolerance == result.estimator_error > 0
     assert result.final_error <= result.tolerance

@@ -113,11 +113,14 @@ class CacheMethod:
         from stepsaver.skip import AdaptiveSkipConfig
 
         knobs = dict(self.knobs)
-        if self.kind == "ours":  # the criterion (pinned: drift has its own rows), else Skip's defaults
-            return AdaptiveSkipConfig(threshold=knobs["threshold"], rule="criterion")
+        # reuse pinned to what the ledger's renders were made with (Skip's default became "auto", which is
+        # "noise" on every scheduler this benchmark runs), so a changed default never re-keys them
+        if self.kind == "ours":  # the criterion (pinned: drift has its own rows), C_max its default
+            return AdaptiveSkipConfig(threshold=knobs["threshold"], rule="criterion", reuse="noise")
         if self.kind == "drift":
-            return AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"], max_skips=knobs["max_skips"])
-        return AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1)
+            return AdaptiveSkipConfig(rule="drift", threshold=knobs["threshold"], max_skips=knobs["max_skips"],
+                                      reuse="noise")
+        return AdaptiveSkipConfig(rule="fixed", max_skips=knobs["interval"] - 1, reuse="noise")
 
     def implicit_skip_settings(self) -> dict[str, Any]:
         """The hook settings this row takes from Skip's defaults rather than its knobs, where they differ

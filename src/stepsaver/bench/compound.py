@@ -24,8 +24,8 @@ TARGET_CALL_RATIO = 4.0
 
 
 def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float | None = None,
-                   threshold: float = AdaptiveSkipConfig.threshold,
-                   max_skips: int = AdaptiveSkipConfig.max_skips, scene_seed: int = 3, guidance: float = 5.0,
+                   threshold: float | None = None,
+                   max_skips: int | None = None, scene_seed: int = 3, guidance: float = 5.0,
                    out_dir: str | Path = "docs/results", name: str = "compound", progress: bool = True,
                    n_boot: int = 400) -> dict[str, Any]:
     from stepsaver.measure.report import bootstrap_fid_difference, pyplot, save_plot, write_report

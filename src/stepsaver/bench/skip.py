@@ -5,10 +5,13 @@ with the same seeds (prompt ``i`` gets ``seed + i``) and is compared with the fu
 the same scheduler. Rows, per scheduler (DDIM, DPM++ 2M, Euler by default):
 
 * **full**: ``steps`` plain steps, the reference;
-* **ours**: the Skip hook with the default delta / C_max, batch 1;
+* **ours**: the Skip hook as shipped (:class:`AdaptiveSkipConfig` defaults: the drift rule), batch 1;
+* **criterion**: the hook with the third-order criterion at its own defaults (delta 0.02, C_max 4;
+  the default until the drift rule replaced it), so the switch is measured in every run;
 * **ours per-sample, batch B**: the same config on batches of ``B`` prompts, one path per sample;
 * **official-compat**: the hook reproducing the official code's decisions (batch 1);
 * **DeepCache k**: PyPI ``DeepCache``'s ``DeepCacheSDHelper``, cache interval ``k`` (2, 3, 5);
+* **other thresholds**: the shipped rule at other thresholds (``drift_thresholds``);
 * **fixed interval k**: the Skip hook with ``rule="fixed"``: one call every ``k`` steps after the
   warm-up, no criterion (2, 3, 5): the non-adaptive baseline at the same reuse machinery;
 * **iso-cost fixed N**: plain ``N`` steps, ``N`` = ours' mean denoiser calls, rounded: the same
@@ -23,7 +26,7 @@ from one round-robin timing pass so background load hits every method alike), PS
 
 Ablations on the first ``ablation_n`` prompts, for the schedulers in ``ablation_schedulers``
 (default: the first one, DDIM, where the issue's targets are; every other scheduler doubles the
-run's cost): delta x C_max (with an iso-cost fixed-step
+run's cost): threshold x C_max of the shipped rule (with an iso-cost fixed-step
 baseline for every cell, so "which setting beats fixed steps" is answered from the numbers) and
 the step count (ours vs full at 50/25/15/10 steps). The greedy oracle (:mod:`stepsaver.skip.oracle`)
 runs on the first ``oracle_n`` prompts of the first scheduler, next to the estimator's paths.
@@ -49,18 +52,19 @@ import torch
 
 from stepsaver.errors import StepsaverError
 from stepsaver.jsonsafe import finite
-from stepsaver.skip.config import AdaptiveSkipConfig
+from stepsaver.skip.config import RULE_DEFAULTS, AdaptiveSkipConfig
 
 __all__ = ["Method", "SkipBenchConfig", "bench_skip", "peak_memory_bytes", "targets"]
 
 DEFAULT_SCHEDULERS = ("ddim", "dpmpp_2m", "euler")
-DELTAS = (0.005, 0.01, 0.02, 0.05)
-MAX_SKIPS_GRID = (2, 3, 4, 6)
+DELTAS = (0.06, 0.1, 0.15)  # ablation grid: thresholds of the shipped rule (drift: relative reuse error)
+MAX_SKIPS_GRID = (4, 6)
 ABLATION_STEPS = (50, 25, 15, 10)
 DEEPCACHE_INTERVALS = (2, 3, 5)
 FIXED_INTERVALS = (2, 3, 5)  # rule="fixed": one call every k steps after the warm-up
-DRIFT_THRESHOLDS = (0.1, 0.15)  # rule="drift": relative reuse error (training-split tuning: 0.1-0.16 on tiny)
+DRIFT_THRESHOLDS = (0.06, 0.15)  # the shipped rule at other thresholds (ours is its default, 0.1)
 DRIFT_MAX_SKIPS = 6
+CRITERION = RULE_DEFAULTS["criterion"]  # (delta, C_max) of the criterion row: the previous default
 SWEEP_STEPS = (30, 50)
 SWEEP_CALLS_TARGET, SWEEP_PSNR_TARGET = 1.5, 35.0  # issue 17, item 9: every scheduler, 30 and 50 steps
 CALLS_TARGET, SPEEDUP_TARGET, PSNR_TARGET = 2.0, 1.8, 26.0
@@ -84,10 +88,10 @@ class Method:
     compat: bool = False
     interval: int = 0
     batch: int = 1
-    scale: str = AdaptiveSkipConfig.scale
-    reuse: str = AdaptiveSkipConfig.reuse
+    scale: str = "sigma"
+    reuse: str = "noise"  # written out (not Skip's default) so that render keys never move with a default
     compiled: bool = False  # the denoiser under torch.compile (Inductor), the hook attached around it
-    rule: str = AdaptiveSkipConfig.rule
+    rule: str = "criterion"
 
     def skip_config(self) -> AdaptiveSkipConfig:
         return AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips, per_sample=not self.compat,
@@ -156,8 +160,8 @@ class SkipBenchConfig:
     fixed_intervals: tuple[int, ...] = FIXED_INTERVALS
     drift_thresholds: tuple[float, ...] = DRIFT_THRESHOLDS  # main-table rows; the sweep runs the first
     drift_max_skips: int = DRIFT_MAX_SKIPS
-    threshold: float = AdaptiveSkipConfig.threshold
-    max_skips: int = AdaptiveSkipConfig.max_skips
+    threshold: float | None = None  # of "ours"; None: Skip's shipped default
+    max_skips: int | None = None
     batch: int = 8
     oracle_tolerance: float | None = None  # None: each prompt's estimator error
     seed: int = 0
@@ -172,6 +176,22 @@ class SkipBenchConfig:
     sweep_n: int = 24  # prompts of the scheduler sweep (0: no sweep)
     cache_dir: str | None = None  # renders kept on disk here: a killed run resumes, processes can share it
     threads: int | None = None  # torch CPU threads for the run (None: leave torch's setting)
+
+    def __post_init__(self) -> None:
+        shipped = AdaptiveSkipConfig()
+        self.threshold = shipped.threshold if self.threshold is None else self.threshold
+        self.max_skips = shipped.max_skips if self.max_skips is None else self.max_skips
+
+    def ours(self, steps: int, **changes: Any) -> Method:
+        """The shipped Skip setting at ``steps`` (its rule and reuse), with ``changes`` applied."""
+        shipped = AdaptiveSkipConfig(threshold=self.threshold, max_skips=self.max_skips)
+        method = Method("skip", steps, shipped.threshold, shipped.max_skips, scale=shipped.scale,
+                        reuse=shipped.reuse, rule=shipped.rule)
+        return dataclasses.replace(method, **changes)
+
+    def criterion(self, steps: int, **changes: Any) -> Method:
+        """The third-order criterion at its own defaults (the shipped default before the drift rule)."""
+        return dataclasses.replace(Method("skip", steps, *CRITERION), **changes)
 
     def ablated(self) -> tuple[str, ...]:
         """The schedulers that get the ablations."""
@@ -370,14 +390,14 @@ def targets(rows: Sequence[dict], grid: Sequence[dict], steps: int) -> dict[str,
             continue
         beats = ours["psnr_db"] > iso["psnr_db"] and ours["lpips"] < iso["lpips"]
         cells = [g for g in grid if g["scheduler"] == scheduler and g.get("beats_iso")]
-        listed = ", ".join(f"delta={g['delta']:g}/C_max={g['max_skips']} ({g['psnr_db']:.2f} vs "
+        listed = ", ".join(f"threshold={g['threshold']:g}/C_max={g['max_skips']} ({g['psnr_db']:.2f} vs "
                            f"{g['iso_psnr_db']:.2f} dB at {g['iso_steps']} steps)" for g in cells)
         n_cells = sum(g["scheduler"] == scheduler for g in grid)
         alt = (f" Ablation settings that beat their own iso-cost baseline (PSNR and LPIPS): {listed}."
                if cells else f" None of the {n_cells} ablation settings beat their own iso-cost baseline."
                if n_cells else "")
         out[f"beats_iso_{scheduler}"] = {
-            "holds": beats, "settings_that_beat_iso": [(g["delta"], g["max_skips"]) for g in cells],
+            "holds": beats, "settings_that_beat_iso": [(g["threshold"], g["max_skips"]) for g in cells],
             "text": f"**Target 3 ({scheduler}, beat iso-cost fixed steps): {'beats' if beats else 'does not beat'}"
                     f"** — ours {ours['denoiser_calls']:.1f} calls, {ours['psnr_db']:.2f} dB, LPIPS "
                     f"{ours['lpips']:.4f} vs fixed {iso['steps']} steps {iso['psnr_db']:.2f} dB, LPIPS "
@@ -435,7 +455,7 @@ class _DiskCache:
         import hashlib
 
         fields = dataclasses.asdict(method)
-        if fields["rule"] == AdaptiveSkipConfig.rule:  # added later: the criterion's renders keep their folders
+        if fields["rule"] == "criterion":  # added later: the criterion's renders keep their folders
             del fields["rule"]
         key = json.dumps({"weights": self.weights, "scheduler": scheduler, **self.settings, **fields},
                          sort_keys=True)
@@ -556,13 +576,17 @@ def _quality(renders: Sequence[_Render], reference: Sequence[_Render]) -> dict[s
 def _main_methods(cfg: SkipBenchConfig) -> list[tuple[str, str, Method]]:
     """(key, row label, method) of the main table, except the iso-cost row (known after ours)."""
     s = cfg.steps
-    ours = Method("skip", s, cfg.threshold, cfg.max_skips)
+    ours = cfg.ours(s)
     rows = [("full", f"full {s} steps", Method("plain", s)),
-            ("ours", f"ours (delta={cfg.threshold:g}, C_max={cfg.max_skips})", ours),
+            ("ours", f"ours ({ours.rule} rule, threshold={ours.threshold:g}, C_max={ours.max_skips}, "
+                     f"reuse={ours.reuse})", ours),
             ("ours_batch", f"ours per-sample, batch {cfg.batch}", dataclasses.replace(ours, batch=cfg.batch)),
+            ("criterion", f"criterion (delta={CRITERION[0]:g}, C_max={CRITERION[1]}; the previous default)",
+             cfg.criterion(s)),
             ("paper", "paper rule (latent differences, raw reuse, delta=0.01)",
-             dataclasses.replace(ours, threshold=0.01, scale="latent", reuse="output")),
-            ("compat", "official-compat", dataclasses.replace(ours, threshold=0.01, compat=True))]
+             cfg.criterion(s, threshold=0.01, scale="latent", reuse="output")),
+            ("compat", "official-compat", cfg.criterion(s, threshold=0.01, compat=True, scale="latent",
+                                                        reuse="output"))]
     if cfg.compiled:
         rows += [("full_compiled", f"full {s} steps, torch.compile", Method("plain", s, compiled=True)),
                  ("ours_compiled", "ours, torch.compile", dataclasses.replace(ours, compiled=True))]
@@ -570,8 +594,8 @@ def _main_methods(cfg: SkipBenchConfig) -> list[tuple[str, str, Method]]:
              for k in cfg.deepcache_intervals]
     rows += [(f"fixed_{k}", f"fixed interval {k} (our hook, no criterion)",
               Method("skip", s, 0.0, k - 1, rule="fixed")) for k in cfg.fixed_intervals]
-    rows += [(f"drift_{t:g}", f"ours, drift rule (threshold={t:g}, C_max={cfg.drift_max_skips})",
-              Method("skip", s, t, cfg.drift_max_skips, rule="drift")) for t in cfg.drift_thresholds]
+    rows += [(f"drift_{t:g}", f"ours, {ours.rule} rule (threshold={t:g}, C_max={cfg.drift_max_skips})",
+              cfg.ours(s, threshold=t, max_skips=cfg.drift_max_skips)) for t in cfg.drift_thresholds]
     return rows
 
 
@@ -598,11 +622,12 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
         full_calls = _mean([r.calls for r in ref_m])
         for delta in cfg.deltas:
             for c_max in cfg.max_skips_grid:
-                cell = bench.renders(Method("skip", cfg.steps, delta, c_max), m, f"ablation delta={delta:g} C={c_max}")
+                cell = bench.renders(cfg.ours(cfg.steps, threshold=delta, max_skips=c_max), m,
+                                     f"ablation threshold={delta:g} C={c_max}")
                 q = _quality(cell, ref_m)
                 n_iso = _iso_steps(q["denoiser_calls"], scheduler, cfg.steps)
                 iso_q = _quality(bench.renders(Method("plain", n_iso), m, f"ablation iso {n_iso} steps"), ref_m)
-                grid_rows.append({"scheduler": scheduler, "delta": delta, "max_skips": c_max,
+                grid_rows.append({"scheduler": scheduler, "threshold": delta, "max_skips": c_max,
                                   "denoiser_calls": q["denoiser_calls"],
                                   "call_reduction": full_calls / q["denoiser_calls"],
                                   "psnr_db": q["psnr_db"], "lpips": q["lpips"], "iso_steps": n_iso,
@@ -610,7 +635,7 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
                                   "beats_iso": q["psnr_db"] > iso_q["psnr_db"] and q["lpips"] < iso_q["lpips"]})
         for n_steps in cfg.ablation_steps:
             full_n = bench.renders(Method("plain", n_steps), m, f"ablation full {n_steps} steps")
-            ours_n = bench.renders(Method("skip", n_steps, cfg.threshold, cfg.max_skips), m,
+            ours_n = bench.renders(cfg.ours(n_steps), m,
                                    f"ablation ours {n_steps} steps")
             q = _quality(ours_n, full_n)
             steps_rows.append({"scheduler": scheduler, "steps": n_steps, "full_calls": _mean([r.calls for r in full_n]),
@@ -689,7 +714,7 @@ def _iso_steps(calls: float, scheduler: str, most: int) -> int:
 
 
 def _sweep(bench: _Bench) -> list[dict]:
-    """Ours, the paper's rule and iso-cost plain steps on every scheduler of the sweep, at each sweep step count.
+    """Ours, the criterion, the paper's rule and iso-cost plain steps on every scheduler of the sweep, per step count.
 
     Batches of ``batch`` prompts (per-sample paths: the same images as single calls, to float
     tolerance), the first ``sweep_n`` prompts, quality against the same scheduler's full run.
@@ -702,18 +727,14 @@ def _sweep(bench: _Bench) -> list[dict]:
         for steps in cfg.sweep_steps:
             full = bench.renders(Method("plain", steps, batch=b), m, f"sweep full {steps}")
             full_calls = _mean([r.calls for r in full])
-            methods = [("ours", Method("skip", steps, cfg.threshold, cfg.max_skips, batch=b)),
-                       ("paper", Method("skip", steps, 0.01, cfg.max_skips, batch=b, scale="latent",
-                                        reuse="output"))]
-            if cfg.drift_thresholds:
-                methods.append(("drift", Method("skip", steps, cfg.drift_thresholds[0], cfg.drift_max_skips,
-                                                batch=b, rule="drift")))
+            methods = [("ours", cfg.ours(steps, batch=b)), ("criterion", cfg.criterion(steps, batch=b)),
+                       ("paper", cfg.criterion(steps, threshold=0.01, batch=b, scale="latent", reuse="output"))]
             for key, method in methods:
                 q = _quality(bench.renders(method, m, f"sweep {key} {steps}"), full)
                 rows.append({"scheduler": scheduler, "steps": steps, "method": key, "full_calls": full_calls,
                              "denoiser_calls": q["denoiser_calls"], "call_reduction": full_calls / q["denoiser_calls"],
                              "psnr_db": q["psnr_db"], "psnr_min_db": q["psnr_min_db"], "lpips": q["lpips"]})
-                if key in ("ours", "drift"):
+                if key in ("ours", "criterion"):
                     n_iso = _iso_steps(q["denoiser_calls"], scheduler, steps)
                     iso = _quality(bench.renders(Method("plain", n_iso, batch=b), m, f"sweep iso {n_iso}"), full)
                     rows.append({"scheduler": scheduler, "steps": steps, "method": f"iso-cost {n_iso} steps",
@@ -728,8 +749,8 @@ def _sweep(bench: _Bench) -> list[dict]:
 def _sweep_verdict(rows: Sequence[dict], method: str = "ours") -> dict[str, Any]:
     """Issue 17, item 9: ours >= 1.5x fewer calls at PSNR >= 35 dB on every swept scheduler and step count.
 
-    ``method="drift"`` judges the drift rule's sweep rows the same way (against the criterion's
-    own iso-cost row of the cell: plain steps at its calls).
+    ``method="criterion"`` judges the criterion's sweep rows the same way (against its own
+    iso-cost row of the cell: plain steps at its calls).
     """
     ours = [r for r in rows if r["method"] == method]
     failing = [f"{r['scheduler']}@{r['steps']} ({r['call_reduction']:.2f}x, {r['psnr_db']:.1f} dB)"
@@ -813,12 +834,12 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
     fig.savefig(paths[-1])
     plt.close(fig)
 
-    # ablation heatmap: PSNR and call reduction over delta x C_max, one row per scheduler
+    # ablation heatmap: PSNR and call reduction over threshold x C_max, one row per scheduler
     scheds = list(dict.fromkeys(g["scheduler"] for g in grid))
     if scheds:
         fig, axes = plt.subplots(len(scheds), 2, figsize=(7.5, 2.8 * len(scheds)), dpi=120, squeeze=False)
         for row_axes, s in zip(axes, scheds, strict=True):
-            cells = {(g["delta"], g["max_skips"]): g for g in grid if g["scheduler"] == s}
+            cells = {(g["threshold"], g["max_skips"]): g for g in grid if g["scheduler"] == s}
             for ax, key, title in ((row_axes[0], "psnr_db", "PSNR (dB)"), (row_axes[1], "call_reduction",
                                                                              "fewer calls (x)")):
                 data = np.array([[cells[d, c][key] for c in cfg.max_skips_grid] for d in cfg.deltas])
@@ -832,7 +853,7 @@ def _plots(out: Path, rows: list[dict], grid: list[dict], oracle: dict, cfg: Ski
                 ax.set_xticks(range(len(cfg.max_skips_grid)), [str(c) for c in cfg.max_skips_grid])
                 ax.set_yticks(range(len(cfg.deltas)), [f"{d:g}" for d in cfg.deltas])
                 ax.set_xlabel("C_max")
-                ax.set_ylabel("delta")
+                ax.set_ylabel("threshold")
                 ax.set_title(f"{s}: {title}" + (" (* beats iso-cost)" if key == "psnr_db" else ""), fontsize=8)
                 fig.colorbar(im, ax=ax)
         fig.tight_layout()
@@ -882,7 +903,7 @@ def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
 
     steps = sorted({r["steps"] for r in sweep})
     fig, axes = plt.subplots(1, len(steps), figsize=(5.2 * len(steps), 4.2), dpi=120, squeeze=False)
-    styles = {"ours": ("o", "C0"), "paper": ("^", "C1"), "drift": ("s", "C3"), "iso": ("D", "C2")}
+    styles = {"ours": ("o", "C0"), "criterion": ("s", "C3"), "paper": ("^", "C1"), "iso": ("D", "C2")}
     for ax, n in zip(axes[0], steps, strict=True):
         for r in (r for r in sweep if r["steps"] == n):
             marker, colour = styles["iso" if r["method"].startswith("iso") else r["method"]]
@@ -891,7 +912,7 @@ def _sweep_plot(out: Path, sweep: Sequence[dict]) -> list[Path]:
                 ax.annotate(r["scheduler"], (r["call_reduction"], r["psnr_db"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         for name, (marker, colour) in styles.items():
-            label = {"iso": "iso-cost plain steps", "drift": "ours, drift rule"}.get(name, name)
+            label = {"iso": "iso-cost plain steps", "criterion": "criterion (previous default)"}.get(name, name)
             ax.scatter([], [], marker=marker, color=colour, label=label)
         ax.axhline(SWEEP_PSNR_TARGET, color="grey", lw=0.8, ls="--")
         ax.axvline(SWEEP_CALLS_TARGET, color="grey", lw=0.8, ls="--")
@@ -951,8 +972,7 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     verdicts = targets(rows, grid, cfg.steps)
     if sweep:
         verdicts["scheduler_sweep"] = _sweep_verdict(sweep)
-        if any(r["method"] == "drift" for r in sweep):
-            verdicts["scheduler_sweep_drift"] = _sweep_verdict(sweep, "drift")
+        verdicts["scheduler_sweep_criterion"] = _sweep_verdict(sweep, "criterion")
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(out, rows, grid, oracle, cfg) + (_sweep_plot(out, sweep) if sweep else [])
     elapsed = time.perf_counter() - t0
@@ -975,11 +995,11 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
               f"* PSNR: mean per image (identical images count as {PSNR_CAP:g} dB); LPIPS: AlexNet; FID: TF-Inception "
               f"features of the method's images vs the full-step images ({cfg.n} each; 64x64 upsampled)."]
     if grid:
-        lines += ["", f"## Ablation: delta x C_max ({', '.join(cfg.ablated())}; {cfg.ablation_n} prompts, "
+        lines += ["", f"## Ablation: threshold x C_max of ours ({', '.join(cfg.ablated())}; {cfg.ablation_n} prompts, "
                       f"{cfg.steps} steps)", "",
                   "Each cell has its own iso-cost baseline: plain steps equal to the cell's mean calls, rounded.", "",
-                  _fmt_table(grid, ["scheduler", "delta", "max_skips", "denoiser_calls", "call_reduction", "psnr_db",
-                                    "lpips", "iso_steps", "iso_psnr_db", "iso_lpips", "beats_iso"])]
+                  _fmt_table(grid, ["scheduler", "threshold", "max_skips", "denoiser_calls", "call_reduction",
+                                    "psnr_db", "lpips", "iso_steps", "iso_psnr_db", "iso_lpips", "beats_iso"])]
     if steps_rows:
         lines += ["", f"## Ablation: step count ({', '.join(cfg.ablated())}; {cfg.ablation_n} prompts)", "",
                   "PSNR/LPIPS of ours against plain steps at the same count, and of both against the "
@@ -990,10 +1010,12 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     if sweep:
         lines += ["", f"## Every scheduler ({cfg.sweep_n} prompts, batch {cfg.batch}, steps "
                       f"{', '.join(map(str, cfg.sweep_steps))})", "",
-                  f"ours: delta={cfg.threshold:g}, C_max={cfg.max_skips}, scale='{AdaptiveSkipConfig.scale}', "
-                  f"reuse='{AdaptiveSkipConfig.reuse}'; paper: the same C_max, delta=0.01 on raw latent differences "
-                  "with raw reuse; iso-cost: plain steps at ours' calls (second-order samplers: 2N-1 calls in N "
-                  "steps). Quality against the same scheduler's full run.", "",
+                  f"ours: {cfg.ours(0).rule} rule, threshold={cfg.threshold:g}, C_max={cfg.max_skips}, "
+                  f"reuse='{cfg.ours(0).reuse}' (noise, or x0 on schedulers that add fresh noise); criterion: "
+                  f"delta={CRITERION[0]:g}, C_max={CRITERION[1]}, scale='sigma', reuse='noise'; paper: the "
+                  f"criterion's C_max, delta=0.01 on raw latent differences with raw reuse; iso-cost: plain steps "
+                  "at the calls of ours or the criterion (second-order samplers: 2N-1 calls in N steps). Quality "
+                  "against the same scheduler's full run.", "",
                   _fmt_table(sweep, ["scheduler", "steps", "method", "denoiser_calls", "call_reduction", "psnr_db",
                                      "psnr_min_db", "lpips", "meets_target"])]
     if oracle:

@@ -9,7 +9,6 @@ import typer
 
 from stepsaver.cli.render import Col, JsonOpt, command, emit, emit_rows
 from stepsaver.errors import StepsaverError
-from stepsaver.skip.config import AdaptiveSkipConfig
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: tables and plots under docs/results/.")
 
@@ -204,8 +203,8 @@ def bench_compound_cmd(
     n: int = typer.Option(200, "--n", help="Held-out scene prompts."),
     recommender: str = typer.Option("tiny", "--recommender", "-r"),
     confidence: float | None = typer.Option(None, "--confidence"),
-    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold"),
-    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips"),
+    threshold: float | None = typer.Option(None, "--threshold", help="Skip's threshold [default: the rule's]."),
+    max_skips: int | None = typer.Option(None, "--max-skips", help="Skip's C_max [default: the rule's]."),
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -243,9 +242,9 @@ def bench_skip_cmd(
         "[default: the first of --schedulers]."),
     steps: int = typer.Option(50, "--steps", help="Full step count (the issue's targets are at 50)."),
     ablation_steps: str = typer.Option("50,25,15,10", "--ablation-steps"),
-    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold",
-                                    help="Skip threshold delta of 'ours'."),
-    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips", help="C_max of 'ours'."),
+    threshold: float | None = typer.Option(None, "--threshold",
+                                           help="Threshold of 'ours' (the shipped rule) [default: Skip's]."),
+    max_skips: int | None = typer.Option(None, "--max-skips", help="C_max of 'ours' [default: Skip's]."),
     batch: int = typer.Option(8, "--batch", help="Batch of the per-sample row."),
     oracle_tolerance: float | None = typer.Option(
         None, "--oracle-tolerance", help="Relative L2 of the final latent (default: the estimator's own error)."),
@@ -256,8 +255,8 @@ def bench_skip_cmd(
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute FID (loads the Inception network)."),
     compiled: bool = typer.Option(True, "--compile/--no-compile",
                                   help="Rows with the UNet under torch.compile (Inductor), with and without Skip."),
-    deltas: str = typer.Option("0.005,0.01,0.02,0.05", "--deltas", help="Ablation grid: thresholds."),
-    max_skips_grid: str = typer.Option("2,3,4,6", "--max-skips-grid", help="Ablation grid: C_max values."),
+    deltas: str = typer.Option("0.06,0.1,0.15", "--deltas", help="Ablation grid: thresholds of ours' rule."),
+    max_skips_grid: str = typer.Option("4,6", "--max-skips-grid", help="Ablation grid: C_max values."),
     sweep_n: int | None = typer.Option(None, "--sweep-n", help="Prompts of the every-scheduler sweep, 0 for none "
                                        "[default: 24, at most --n]."),
     sweep_schedulers: str | None = typer.Option(None, "--sweep-schedulers",

@@ -9,7 +9,7 @@ import typer
 from stepsaver.cli.render import Col, JsonOpt, command, emit, emit_rows
 from stepsaver.errors import StepsaverError
 from stepsaver.files import check_output_file, write_atomically
-from stepsaver.skip.config import AdaptiveSkipConfig
+from stepsaver.skip.config import DEFAULT_RULE, AdaptiveSkipConfig
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -34,14 +34,17 @@ def generate(
     out: Path = typer.Option(Path("stepsaver.png"), "--out", "-o", help="Where to write the PNG."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     skip: bool | None = typer.Option(None, "--skip/--no-skip", help="AdaptiveDiffusion step skipping inside the loop."),
-    threshold: float = typer.Option(AdaptiveSkipConfig.threshold, "--threshold",
-                                    help="Skip threshold delta (with --skip)."),
-    max_skips: int = typer.Option(AdaptiveSkipConfig.max_skips, "--max-skips",
-                                  help="Most consecutive skips C_max (with --skip)."),
-    skip_rule: str = typer.Option(AdaptiveSkipConfig.rule, "--skip-rule",
-                                  help="What decides a skip (with --skip): criterion (third-order test), drift "
-                                       "(measured reuse error; --threshold is then a relative error, e.g. 0.1) "
-                                       "or fixed (one call every max-skips + 1 steps)."),
+    threshold: float | None = typer.Option(None, "--threshold",
+                                           help="Skip threshold (with --skip) [default: the rule's: drift 0.1, "
+                                                "criterion 0.02]."),
+    max_skips: int | None = typer.Option(None, "--max-skips",
+                                         help="Most consecutive skips C_max (with --skip) [default: the rule's: "
+                                              "drift 6, criterion 4]."),
+    skip_rule: str = typer.Option(DEFAULT_RULE, "--skip-rule",
+                                  help="What decides a skip (with --skip): drift (the measured reuse error; "
+                                       "--threshold is a relative error, e.g. 0.1), criterion (the paper's "
+                                       "third-order test; --threshold is its delta) or fixed (one call every "
+                                       "max-skips + 1 steps)."),
     config: Path | None = typer.Option(None, "--config",
                                        help="A calibrated config from `stepsaver calibrate`: its model, scheduler, "
                                             "steps, Skip and guidance."),

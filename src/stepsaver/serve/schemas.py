@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stepsaver.calibrate.space import OWN
 from stepsaver.pipelines import SCHEDULERS
-from stepsaver.skip.config import AdaptiveSkipConfig
+from stepsaver.skip.config import DEFAULT_RULE
 
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -64,12 +64,14 @@ class RecommendResponse(BaseModel):
 class SkipOptions(BaseModel):
     model_config = STRICT
 
-    threshold: float = Field(AdaptiveSkipConfig.threshold, ge=0, description="AdaptiveDiffusion delta.")
-    max_skips: int = Field(AdaptiveSkipConfig.max_skips, ge=0, le=50, description="Most consecutive skips (C_max).")
+    threshold: float | None = Field(None, ge=0, description="What the rule compares against: for drift (default) "
+                                    "the relative reuse error, e.g. 0.1; for the criterion its delta, e.g. 0.02. "
+                                    "Left out: the rule's default.")
+    max_skips: int | None = Field(None, ge=0, le=50, description="Most consecutive skips (C_max); left out: the "
+                                                                 "rule's default (drift 6, criterion 4).")
     rule: Literal["criterion", "drift", "fixed"] = Field(
-        AdaptiveSkipConfig.rule, description="What decides a skip: the third-order criterion, the measured reuse "
-                                             "error (drift: threshold is a relative error, e.g. 0.1) or a fixed "
-                                             "interval of max_skips + 1 steps.")
+        DEFAULT_RULE, description="What decides a skip: the measured reuse error (drift), the paper's third-order "
+                                  "criterion, or a fixed interval of max_skips + 1 steps.")
 
 
 class GenerateRequest(BaseModel):

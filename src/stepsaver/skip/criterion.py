@@ -47,7 +47,7 @@ __all__ = [
     "skip_path",
 ]
 
-DEFAULT = AdaptiveSkipConfig()
+DEFAULT = AdaptiveSkipConfig(rule="criterion")  # the criterion's own defaults (delta, C_max)
 
 
 def latent_difference(current: torch.Tensor, previous: torch.Tensor, per_sample: bool = True) -> torch.Tensor:

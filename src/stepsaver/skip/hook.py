@@ -49,7 +49,8 @@ How it is wired (decisions worth knowing):
   scheduler on ``batch * frames`` rows; the hook reads the frame count from the denoiser's 5-D
   input, so a video follows one path and its CFG rows are never split by frame. Pipelines that
   step the scheduler on CFG-duplicated latents (DiT) count one sample per image, not per CFG row.
-* **Scheduler-aware by default** (``scale="sigma"``, ``reuse="noise"``). ``D_j`` is measured in the
+* **Scheduler-aware by default** (``scale="sigma"``, ``reuse="auto"``: the noise prediction, or the
+  data prediction on schedulers that add fresh noise each step). ``D_j`` is measured in the
   scheduler's variance-exploding ODE variable per unit of noise level crossed
   (:mod:`stepsaver.skip.noise` reads the level from the scheduler after each step), so Karras,
   Euler and flow-matching step sizes compare fairly; a skipped call of a v-prediction model reuses
@@ -61,8 +62,8 @@ How it is wired (decisions worth knowing):
   ``torch.compile``/``module.compile()``, or the reverse), with no guards on the hook's state.
 * **diffusers' caches.** MagCache and TaylorSeer count the calls they see; a call answered from
   our cache never reaches them, so the pair is refused in either order (``STEP_COUNTING_CACHES``).
-* **Rules.** ``rule="criterion"`` (the third-order test, default), ``"fixed"`` (one call every
-  ``max_skips + 1`` steps: the baseline) and ``"drift"``: at every computed step the hook also
+* **Rules.** ``rule="criterion"`` (the paper's third-order test), ``"fixed"`` (one call every
+  ``max_skips + 1`` steps: the baseline) and ``"drift"`` (default): at every computed step the hook also
   builds what reuse would have returned (``_reused``, exactly what a skip hands the pipeline) and
   measures its relative error per sample; the error per reused step extrapolates whether the
   next step may reuse. It learns only from computed outputs, which matters because a skipped step
@@ -665,8 +666,8 @@ class AdaptiveSkipHook(ModelHook):
         reuse on an epsilon model), and for flow-matching schedulers (no ``alphas_cumprod``: the
         velocity is reused as it is).
         """
-        reuse = self.config.reuse
         scheduler = self._scheduler
+        reuse = self.config.reuse_for(scheduler)
         prediction = getattr(getattr(scheduler, "config", None), "prediction_type", None)
         if reuse == "output" or prediction not in PREDICTIONS or getattr(scheduler, "alphas_cumprod", None) is None:
             return None
@@ -723,7 +724,7 @@ class AdaptiveSkipHook(ModelHook):
                           denoiser_calls=state.denoiser_calls, rows_requested=state.rows_requested,
                           rows_computed=state.rows_computed, sample_calls=[sum(r) for r in ran],
                           sample_saved=[len(r) - sum(r) for r in ran], scale=cfg.scale,
-                          reuse=cfg.reuse, unscaled=list(state.unscaled), rule=cfg.rule,
+                          reuse=cfg.reuse_for(self._scheduler), unscaled=list(state.unscaled), rule=cfg.rule,
                           drift=[list(row) for row in state.drift_errors])
 
     def _publish(self) -> None:
