@@ -72,7 +72,8 @@ def test_generate_json_auto_steps_and_skip(client, embedded_pipe):
     from stepsaver import generate
 
     r = client.post("/v1/generate", headers=AUTH, json={"prompt": "a big cat, blue background", "steps": 12,
-                                                         "skip": {"threshold": 0.05, "max_skips": 2},
+                                                         "skip": {"rule": "criterion", "threshold": 0.05,
+                                                                  "max_skips": 2},
                                                          "format": "json", "seed": 3})
     assert r.status_code == 200
     body = r.json()
