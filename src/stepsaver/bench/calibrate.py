@@ -86,8 +86,10 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
         if not fresh:
             verdicts.append(f"  ({model}'s render cache {folder} existed before this run; delete it "
                             "to time a calibration from scratch)")
+    held = float(call_kwargs.get("heldout", 0.25))  # calibrate's default share of held-out prompts
     preamble = ("Issue 20's targets, on held-out scene captions (prompt seed "
-                f"{prompt_seed}, {n} prompts: a 75/25 calibration/held-out split), reference = the model's own "
+                f"{prompt_seed}, {n} prompts: a {100 * (1 - held):.0f}/{100 * held:.0f} calibration/held-out split), "
+                "reference = the model's own "
                 f"scheduler at {reference_steps} steps, quality = LPIPS (AlexNet) to the reference image of the "
                 "same prompt and noise. Cost = denoiser calls per image; a single knob's baseline is its cheapest "
                 "setting that holds with confidence on the held-out prompts themselves (an oracle choice, so the "
