@@ -118,8 +118,8 @@ def bench_compound(n: int = 200, *, recommender: str = "tiny", confidence: float
     plot = save_plot(fig, out / f"{name}.png")
     summary = (
         f"{n} held-out scene prompts (eval split, seed {scene_seed}), batch 1, DDIM, seed = prompt index, guidance "
-        f"{guidance}; recommender `{recommender}` (confidence {confidence}); Skip delta {threshold}, C_max "
-        f"{max_skips}.\n\n"
+        f"{guidance}; recommender `{recommender}` (confidence {confidence}); Skip {skip_cfg.rule} rule, threshold "
+        f"{skip_cfg.threshold:g}, C_max {skip_cfg.max_skips}, reuse {skip_cfg.reuse}.\n\n"
         f"- >= {TARGET_CALL_RATIO:.0f}x fewer denoiser calls than fixed 50: **{'met' if t_calls else 'NOT met'}** "
         f"({comp['calls_ratio_vs_fixed50']:.2f}x: {comp['denoiser_calls']:.1f} vs {fixed['denoiser_calls']:.1f}).\n"
         f"- FID no worse than fixed 50 (bootstrap 95% CI of the difference): **{'met' if t_fid else 'NOT met'}** "
