@@ -158,7 +158,7 @@ class SkipBenchConfig:
     max_skips_grid: tuple[int, ...] = MAX_SKIPS_GRID
     deepcache_intervals: tuple[int, ...] = DEEPCACHE_INTERVALS
     fixed_intervals: tuple[int, ...] = FIXED_INTERVALS
-    drift_thresholds: tuple[float, ...] = DRIFT_THRESHOLDS  # main-table rows; the sweep runs the first
+    drift_thresholds: tuple[float, ...] = DRIFT_THRESHOLDS  # main-table rows: ours' rule at other thresholds
     drift_max_skips: int = DRIFT_MAX_SKIPS
     threshold: float | None = None  # of "ours"; None: Skip's shipped default
     max_skips: int | None = None
@@ -1008,10 +1008,11 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
                                           "psnr_vs_full_same_steps_db", "lpips_vs_full_same_steps",
                                           "ours_psnr_vs_reference_db", "full_psnr_vs_reference_db"])]
     if sweep:
+        shipped = cfg.ours(cfg.steps)
         lines += ["", f"## Every scheduler ({cfg.sweep_n} prompts, batch {cfg.batch}, steps "
                       f"{', '.join(map(str, cfg.sweep_steps))})", "",
-                  f"ours: {cfg.ours(0).rule} rule, threshold={cfg.threshold:g}, C_max={cfg.max_skips}, "
-                  f"reuse='{cfg.ours(0).reuse}' (noise, or x0 on schedulers that add fresh noise); criterion: "
+                  f"ours: {shipped.rule} rule, threshold={shipped.threshold:g}, C_max={shipped.max_skips}, "
+                  f"reuse='{shipped.reuse}' (noise, or x0 on schedulers that add fresh noise); criterion: "
                   f"delta={CRITERION[0]:g}, C_max={CRITERION[1]}, scale='sigma', reuse='noise'; paper: the "
                   f"criterion's C_max, delta=0.01 on raw latent differences with raw reuse; iso-cost: plain steps "
                   "at the calls of ours or the criterion (second-order samplers: 2N-1 calls in N steps). Quality "
