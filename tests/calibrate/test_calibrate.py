@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -80,6 +82,28 @@ def test_holding_with_confidence_needs_the_intervals_worse_end_inside():
     assert tol.holds_with_confidence(spread) and tol.worse_end_at(spread, 48) < 0.042
     assert tol.expected_to_validate(spread, 16) and not tol.expected_to_validate(spread, 2)
     assert tol.worse_end_at(spread, 16) == pytest.approx(0.0375 + 1.96 * spread.std(ddof=1) / 4, rel=1e-3)
+
+
+def test_the_selection_critical_value_corrects_the_winners_curse():
+    tol = parse_tolerance("lpips<=0.02")
+    rng = np.random.default_rng(0)
+    equal = rng.normal(0.015, 0.015, size=(40, 48))  # 40 settings, all truly at 0.015 on 48 prompts
+    assert tol.selection_critical(equal[:1]) == pytest.approx(1.96, abs=1e-3)  # one setting: no selection
+    critical = tol.selection_critical(equal)
+    assert 2.5 < critical <= NormalDist().inv_cdf(1 - 0.025 / 40) + 1e-9  # independent: near Bonferroni
+    # copies of one setting are one setting: the max-t bootstrap sees the correlation, Bonferroni would not
+    assert tol.selection_critical(np.repeat(equal[:1], 40, axis=0)) < 2.1
+    luckiest = equal[equal.mean(axis=1).argmin()]
+    # its estimate flatters it: uncorrected it looks safe for 16 held-out prompts, corrected it does not
+    assert tol.expected_to_validate(luckiest, 16) and not tol.expected_to_validate(luckiest, 16, critical)
+    sd = luckiest.std(ddof=1)
+    assert tol.worse_end_at(luckiest, 16, critical) == pytest.approx(
+        luckiest.mean() + 1.96 * sd / 4 + critical * sd / math.sqrt(48), rel=1e-4)
+    # and fresh prompts show why: its true mean sits at 0.015, too close for a 16-prompt interval
+    fresh = rng.normal(0.015, 0.015, size=(200, 16))
+    assert np.mean([tol.holds_with_confidence(f, n_boot=400) for f in fresh]) < 0.5
+    share = parse_tolerance("lpips<=0.05 for 80%")
+    assert share.selection_critical([np.full(30, 0.01)] * 10) == pytest.approx(NormalDist().inv_cdf(1 - 0.0025))
 
 
 def test_the_split_is_seeded_disjoint_and_complete():

@@ -15,7 +15,9 @@ The search, in the order it spends time:
    steps, Skip alone, recommender alone, cache alone, combinations) has its cheapest setting
    that *passes*: holds with confidence (the 95% interval's worse end inside the tolerance) and
    is expected to on the held-out part too (the interval a sample of the held-out size would
-   give, predicted from the calibration sample). The cheapest of those is chosen.
+   give, predicted from the worst truth that a bound simultaneous over every setting compared
+   allows: the cheapest of many passing settings is the one the calibration prompts flattered
+   most). The cheapest of those is chosen.
 5. **Validate** on the held-out prompts: the chosen setting, and each single knob's cheapest
    setting that holds there (the baseline the combination must beat, found on the same prompts).
 
@@ -268,9 +270,14 @@ class Evaluation:
     def confident(self) -> bool:
         return self.tolerance.holds_with_confidence(self.values)
 
-    def passes(self, n_heldout: int) -> bool:
-        """Holds with confidence here, and is expected to on ``n_heldout`` held-out prompts as well."""
-        return self.confident and self.tolerance.expected_to_validate(self.values, n_heldout)
+    def passes(self, n_heldout: int, selection: float = 0.0) -> bool:
+        """Holds with confidence here, and is expected to on ``n_heldout`` held-out prompts as well.
+
+        ``selection``: the critical value of the settings compared with this one
+        (:meth:`Tolerance.selection_critical`); the prediction then starts from the worst truth
+        their simultaneous bound allows, not from an estimate the choice itself flatters.
+        """
+        return self.confident and self.tolerance.expected_to_validate(self.values, n_heldout, selection)
 
     def hopeless(self) -> bool:
         """Misses the tolerance even at its interval's better end."""
@@ -278,7 +285,8 @@ class Evaluation:
         better = hi if (self.tolerance.share is not None or not self.tolerance.lower_is_better) else lo
         return not self.tolerance._meets(better)
 
-    def row(self, reference: Evaluation | None = None, n_heldout: int | None = None) -> dict[str, Any]:
+    def row(self, reference: Evaluation | None = None, n_heldout: int | None = None,
+            selection: float = 0.0) -> dict[str, Any]:
         lo, hi = self.tolerance.interval(self.values)
         out = {"setting": self.candidate.label, "family": self.family, "n": self.n,
                "denoiser_calls": round(float(self.calls.mean()), 2), "cost": round(self.cost, 2),
@@ -291,7 +299,7 @@ class Evaluation:
                "interval": [round(lo, 4), round(hi, 4)], "holds": self.holds, "confident": self.confident,
                "config": self.candidate.to_dict()}
         if n_heldout is not None:
-            out["passes"] = self.passes(n_heldout)
+            out["passes"] = self.passes(n_heldout, selection)
         if reference is not None:
             out["speedup_calls"] = round(reference.cost / self.cost, 3) if self.cost else None
             out["speedup_seconds"] = (round(float(reference.seconds.mean()) / float(self.seconds.mean()), 3)
@@ -510,16 +518,18 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
                           if c != reference]
             screened: list[Evaluation] = []
             calibrated: list[Evaluation] = []
+            critical = selection_critical(tol, calibrated, len(cal))
             out_of_time = False
             try:
                 screened = _screen(search, candidates, screen_idx)
                 stage = "calibration"
-                calibrated = _calibrate_stage(search, screened, cal, len(held))
+                calibrated, critical = _calibrate_stage(search, screened, cal, len(held))
             except _OutOfTime:
                 out_of_time = True
                 say(f"time budget of {budget_minutes:g} min ran out during the {stage} stage")
             ref_cal = search.evaluate(reference, cal, "reference", timed=False)
-            passing = [e for e in calibrated if e.passes(len(held))] or [e for e in calibrated if e.confident]
+            passing = ([e for e in calibrated if e.passes(len(held), critical)]
+                       or [e for e in calibrated if e.confident])
             chosen = min(passing, key=lambda e: (e.cost, -e.tolerance.slack(e.values)), default=None)
             if chosen is None:
                 pool = calibrated or screened
@@ -539,7 +549,7 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
     finally:
         if temp is not None:
             temp.cleanup()
-    cal_rows = [e.row(ref_cal, len(held)) for e in sorted(calibrated, key=lambda e: e.cost)]
+    cal_rows = [e.row(ref_cal, len(held), critical) for e in sorted(calibrated, key=lambda e: e.cost)]
     frontier = [e.row(ref_cal) for e in _frontier(calibrated or screened, tol)]
     wall, cpu = time.monotonic() - started, time.process_time() - cpu0
     predict = _predictability(labels)
@@ -549,14 +559,16 @@ def calibrate(pipe: Any, prompts: Sequence[str], tolerance: str | Tolerance, *, 
                "renders_made": renderer.rendered, "wall_minutes": round(wall / 60, 2),
                "cpu_minutes": round(cpu / 60, 2), "out_of_time": out_of_time,
                "chosen": chosen.candidate.label, "chosen_confident_on_calibration": chosen.confident,
-               "chosen_expected_to_validate": chosen.passes(len(held)),
+               "chosen_expected_to_validate": chosen.passes(len(held), critical),
+               "selection_critical": round(critical, 3),
+               "compared_on_all_calibration_prompts": sum(e.n == len(cal) for e in calibrated),
                **held_summary, **predict}
     config = CalibratedConfig(
         model=model or str(getattr(pipe, "name_or_path", "") or type(pipe).__name__), fingerprint=fingerprint,
         candidate=chosen.candidate, tolerance=str(tol), reference=reference.to_dict(), guidance=guidance,
         recommender=rec_name if chosen.candidate.confidence is not None else None,
         scheduler_class=type(pipe.scheduler).__name__ if chosen.candidate.scheduler == OWN else "",
-        calibration=chosen.row(ref_cal, len(held)), heldout=held_summary)
+        calibration=chosen.row(ref_cal, len(held), critical), heldout=held_summary)
     return CalibrationResult(config, cal_rows, [e.row() for e in screened], frontier, {"rows": held_rows,
                                                                                          **held_summary}, summary)
 
@@ -607,42 +619,62 @@ def _raced(search: _Search, candidate: Candidate, cal: Sequence[int], what: str,
     return search.evaluate(candidate, cal, what)
 
 
+def selection_critical(tol: Tolerance, evaluations: Sequence[Evaluation], n: int) -> float:
+    """The winner's-curse critical value over the settings measured on all ``n`` calibration prompts."""
+    return tol.selection_critical([e.values for e in evaluations if e.n == n])
+
+
 def _calibrate_stage(search: _Search, screened: Sequence[Evaluation], cal: Sequence[int],
-                     n_heldout: int) -> list[Evaluation]:
+                     n_heldout: int) -> tuple[list[Evaluation], float]:
     """Survivors on all calibration prompts, cheapest first, until each family has a passing setting.
 
     Passing means holding with confidence on the calibration prompts *and* being expected to on
     ``n_heldout`` held-out prompts (:meth:`Tolerance.worse_end_at`): the held-out check has fewer
-    prompts, so a setting that only just fits here would fail there.
+    prompts, so a setting that only just fits here would fail there. The prediction starts from
+    the worst truth a bound simultaneous over every setting compared so far allows
+    (:meth:`Tolerance.selection_critical`): choosing the cheapest of many settings that pass
+    picks the ones the calibration prompts flattered, and every earlier tiny run's held-out mean
+    came out above its calibration mean. The bound widens as settings are added, so a family's
+    passing setting can stop passing; the scan then resumes with that family's next setting,
+    until a whole scan measures nothing new. Returns the evaluations and the final critical value.
 
-    Two passes: first the settings whose screen estimate already met the tolerance; then, only
-    for families still without a confident setting, the survivors that missed it on the screen
-    (on 8 prompts an estimate that misses rarely holds with confidence on all of them, and at a
-    tight tolerance most cheap settings miss, so this halves the work there).
+    Two passes per scan: first the settings whose screen estimate already met the tolerance;
+    then, only for families still without a passing setting, the survivors that missed it on the
+    screen (on 8 prompts an estimate that misses rarely holds with confidence on all of them,
+    and at a tight tolerance most cheap settings miss, so this halves the work there).
     """
     survivors = sorted((e for e in screened if not e.hopeless()), key=lambda e: e.cost)
     families = {s.family for s in survivors}
-    done: set[str] = set()
     hopeless: list[Candidate] = []
     out: list[Evaluation] = []
-    for passing in ([e for e in survivors if e.holds], [e for e in survivors if not e.holds]):
-        for e in passing:
-            if e.family in done:
-                continue  # a cheaper setting of this family already holds with confidence
-            if any(no_better_than(e.candidate, h) for h in hopeless):
-                continue  # expected no better than a setting that missed on all calibration prompts
-            full = _raced(search, e.candidate, cal, f"calibrate: {e.candidate.label}")
-            if full.hopeless():
-                hopeless.append(e.candidate)
-            out.append(full)
-            search.note("calibrate", full, "passes" if full.passes(n_heldout) else
-                        f"holds with confidence, but too close for {n_heldout} held-out prompts" if full.confident
-                        else "holds (point estimate only)" if full.holds else "misses")
-            if full.passes(n_heldout):
-                done.add(full.family)
-            if done >= families:
-                return out
-    return out
+    measured: set[Candidate] = set()
+    critical = selection_critical(search.tol, out, len(cal))
+
+    def done() -> set[str]:
+        return {x.family for x in out if x.passes(n_heldout, critical)}
+
+    while True:
+        before = len(measured)
+        for passing in ([e for e in survivors if e.holds], [e for e in survivors if not e.holds]):
+            for e in passing:
+                if e.candidate in measured or e.family in done():
+                    continue  # measured already, or a cheaper setting of this family passes
+                if any(no_better_than(e.candidate, h) for h in hopeless):
+                    continue  # expected no better than a setting that missed on all calibration prompts
+                full = _raced(search, e.candidate, cal, f"calibrate: {e.candidate.label}")
+                measured.add(e.candidate)
+                if full.hopeless():
+                    hopeless.append(e.candidate)
+                out.append(full)
+                critical = selection_critical(search.tol, out, len(cal))
+                search.note("calibrate", full, "passes" if full.passes(n_heldout, critical) else
+                            f"holds with confidence, but too close for {n_heldout} held-out prompts after "
+                            f"comparing {len(out)} settings" if full.confident
+                            else "holds (point estimate only)" if full.holds else "misses")
+                if done() >= families:
+                    return out, critical
+        if len(measured) == before:
+            return out, critical
 
 
 def _validate(search: _Search, chosen: Evaluation, pool: Sequence[Evaluation], held: Sequence[int],

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -104,7 +106,7 @@ class Tolerance:
         """The interval's worse end is inside the tolerance."""
         return self._meets(self.worse_end(values, n_boot, seed))
 
-    def worse_end_at(self, values: np.ndarray, n: int) -> float:
+    def worse_end_at(self, values: np.ndarray, n: int, selection: float = 0.0) -> float:
         """The worse end of the 95% interval a sample of ``n`` prompts like these is expected to give.
 
         The calibration prompts choose and ``n`` held-out prompts validate; a setting whose own
@@ -112,16 +114,58 @@ class Tolerance:
         is wider by ``sqrt(n_calibration / n)``. This is the interval that check will compute,
         predicted from the calibration sample: normal approximation of the mean (the
         bootstrap's large-sample limit) or Wilson's interval of the same share at ``n``.
+
+        ``selection`` (a critical value from :meth:`selection_critical`) first moves the
+        calibration estimate that many standard errors towards failing: the cheapest of many
+        settings that pass is, on average, one the calibration prompts flattered (the winner's
+        curse), so the prediction starts from the worst truth the settings' simultaneous bound
+        allows rather than from the flattering estimate. 0 predicts from the estimate itself.
         """
         v = _checked(values, self.metric)
         if self.share is not None:
-            return wilson(round(float(self.within(v).mean()) * n), n)[0]
-        half = Z95 * float(v.std(ddof=1)) / math.sqrt(n) if len(v) > 1 else 0.0
+            p = float(self.within(v).mean())
+            if selection > 0:
+                p = wilson(int(self.within(v).sum()), len(v), z=selection)[0]
+            return wilson(round(p * n), n)[0]
+        sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        half = Z95 * sd / math.sqrt(n) + selection * sd / math.sqrt(len(v))
         return float(v.mean()) + (half if self.lower_is_better else -half)
 
-    def expected_to_validate(self, values: np.ndarray, n: int) -> bool:
+    def expected_to_validate(self, values: np.ndarray, n: int, selection: float = 0.0) -> bool:
         """Whether a held-out sample of ``n`` prompts like these should show the tolerance with confidence."""
-        return self._meets(self.worse_end_at(values, n))
+        return self._meets(self.worse_end_at(values, n, selection))
+
+    def selection_critical(self, samples: Sequence[np.ndarray], n_boot: int = 2000, seed: int = 0) -> float:
+        """How many standard errors the luckiest of these settings may flatter itself by (97.5%, one-sided).
+
+        Why: calibration compares many settings on the same prompts and keeps the cheapest that
+        passes, so its estimate is biased towards passing. A bound that holds for every compared
+        setting at once is free of that bias. For a mean it is the max-t bootstrap (Romano and
+        Wolf): resample prompts jointly for all settings (they are paired, and strongly
+        correlated, so this is far tighter than Bonferroni) and take the 97.5% quantile of the
+        largest standardised deviation towards failing. It is floored at the single-setting
+        1.96 and capped at Bonferroni's ``z(0.025 / k)``; a share uses Bonferroni's value
+        (its standard error vanishes when no prompt fails). ``samples``: per-setting values over
+        the *same* prompts, in the same order.
+        """
+        rows = [_checked(s, self.metric) for s in samples]
+        k = len(rows)
+        if k <= 1:
+            return Z95
+        bonferroni = NormalDist().inv_cdf(1 - 0.025 / k)
+        if self.share is not None or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+            return bonferroni
+        v = np.stack(rows)
+        se = v.std(axis=1, ddof=1) / math.sqrt(v.shape[1])
+        v, se = v[se > 0], se[se > 0]
+        if len(v) == 0:
+            return Z95
+        rng = np.random.default_rng(seed)
+        boot = v[:, rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))].mean(axis=-1)  # (k, n_boot)
+        deviation = (v.mean(axis=1, keepdims=True) - boot) if self.lower_is_better else (
+            boot - v.mean(axis=1, keepdims=True))
+        q = float(np.quantile((deviation / se[:, None]).max(axis=0), 0.975))
+        return float(min(max(q, Z95), bonferroni))
 
     def slack(self, values: np.ndarray) -> float:
         """How far inside the tolerance the statistic is (negative: outside), in the statistic's units."""
