@@ -1,6 +1,7 @@
 """The UNet architecture search: layouts, latency, a toy resumable search, its report, and the CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def toy(tmp_path_factory):
     with pytest.raises(StepsaverError, match=r"baseline stopped at step [01] of 2.*run the same command again"):
         search(_base(root), out_dir=root / "runs", results_dir=root / "res", max_minutes=1e-4, **TOY)
     assert (root / "runs" / "baseline" / "checkpoint.pt").exists()  # stopped (as if killed): it continues below
-    result = search(_base(root), out_dir=root / "runs", results_dir=root / "res", **TOY)
+    result = search(_base(root), out_dir=root / "runs", results_dir=root / "res", ledger_dir=root / "ledger", **TOY)
     return root, result
 
 
@@ -170,6 +171,35 @@ def test_search_resumes_without_retraining_or_rerendering(toy, monkeypatch):
         train_candidate(candidates(["minimal"])[1], _base(root), root / "runs" / "minimal", 3)
 
 
+def test_the_ledger_lets_a_search_continue_without_its_run_folders(toy, monkeypatch):
+    from dataclasses import replace
+
+    import stepsaver.bench.heldout
+    import stepsaver.shrink.train
+    from stepsaver.shrink.search import Ledger
+
+    root, first = toy
+    entries = sorted(p.name for p in (root / "ledger").iterdir())
+    assert len(entries) == 4 and {p.rsplit("-", 1)[0] for p in entries} == {"baseline", "minimal"}
+    monkeypatch.setattr(stepsaver.shrink.train, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(stepsaver.bench.heldout, "render_set", lambda *a, **k: pytest.fail("re-rendered"))
+    # another session: the run folders are gone, the committed ledger is not
+    again = search(_base(root), out_dir=root / "gone", ledger_dir=root / "ledger", results_dir=None, **TOY)
+    assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in first["rows"]]
+    assert [r["adherence"] for r in again["rows"]] == [r["adherence"] for r in first["rows"]]
+    assert all(t["from_ledger"] for t in again["training"].values()) and not (root / "gone" / "minimal").exists()
+    # the key moves with the layout, the schedule and the scoring, never with the run folder
+    minimal, base = candidates(["minimal"])[1], replace(_base(root), steps=2)
+    scoring = {"n": 4, "steps": 2, "guidance": 5.0, "seed": 0, "scene_seed": 2}
+    key = Ledger.key(minimal, base, scoring)
+    assert key == Ledger.key(minimal, replace(base, out="elsewhere"), scoring)
+    assert len({key, Ledger.key(BASELINE, base, scoring), Ledger.key(minimal, replace(base, steps=3), scoring),
+                Ledger.key(minimal, base, {**scoring, "steps": 3})}) == 4
+    # a torn entry is not trusted: that candidate is trained and scored again
+    (root / "ledger" / f"minimal-{key}.npz").write_bytes(b"torn")
+    assert Ledger(root / "ledger").get("minimal", key) is None
+
+
 def test_a_budget_no_candidate_meets_names_the_closest_before_training(tmp_path):
     with pytest.raises(StepsaverError, match="no candidate meets the latency budget 0.010.*closest: minimal"):
         search(_base(tmp_path), out_dir=tmp_path / "runs", results_dir=tmp_path / "res",
@@ -206,4 +236,5 @@ def test_cli_search_prints_the_rows_verdict_and_report(toy, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "Verdict" in r.output and "architecture.md" in r.output and "minimal" in r.output
     assert seen["proxy_steps"] == 7 and seen["n"] == 5 and seen["base"].scenes == 16
+    assert seen["ledger_dir"] == Path("docs/results/architecture-ledger")  # committed, so a search spans sessions
     assert [c.name for c in seen["layouts"]] == ["baseline", "minimal"]

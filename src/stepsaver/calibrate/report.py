@@ -69,6 +69,11 @@ def _summary_md(name: str, res: CalibrationResult) -> str:
              f"- search: {s['candidates']} candidates, {s['screened']} screened, {s['calibrated']} on all "
              f"calibration prompts, {s['renders_made']} images rendered; {s['wall_minutes']} min wall, "
              f"{s['cpu_minutes']} CPU min" + (" (time budget ran out)" if s["out_of_time"] else "")]
+    if s.get("selection_critical") is not None:
+        lines.append(f"- winner's curse: {s['compared_on_all_calibration_prompts']} settings compared on all "
+                     f"calibration prompts, so a passing setting must be expected to hold on the held-out part "
+                     f"from {s['selection_critical']} standard errors worse than its calibration estimate "
+                     "(their simultaneous 97.5% bound, max-t bootstrap)")
     if s.get("predictability_note"):
         lines.append(f"- Predict on this model: {s['predictability_note']}")
     lines.append("")

@@ -42,6 +42,9 @@ def search_cmd(
     seed: int = typer.Option(0, "--seed"),
     max_minutes: float | None = typer.Option(None, "--max-minutes",
                                              help="Stop training (checkpointed, resumable) after this long."),
+    ledger: Path = typer.Option(Path("docs/results/architecture-ledger"), "--ledger",
+                                help="Finished candidates' scores (small; commit them): a search continues from "
+                                     "them in another session, without its run folders."),
     as_json: bool = JsonOpt,
 ) -> None:
     """A small UNet architecture search (DeciDiffusion's AutoNAC, small): per-stage resnets, attention placement
@@ -68,7 +71,7 @@ def search_cmd(
                         **({} if vae is None else {"vae": str(vae)}))
     result = search(base, out_dir=out, layouts=layouts, proxy_steps=proxy_steps, budget=budget, n=n, steps=steps,
                     seed=seed, latency_repeats=repeats, results_dir=results, progress=not as_json,
-                    max_minutes=max_minutes)
+                    max_minutes=max_minutes, ledger_dir=ledger)
     from stepsaver.shrink.search import verdict_text
 
     emit_rows(result["rows"], SEARCH_COLUMNS, as_json, f"UNet layouts after {proxy_steps} proxy steps",

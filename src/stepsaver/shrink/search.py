@@ -484,6 +484,79 @@ def _evaluate(pipe_dir: str | Path, cache_file: Path, prompts: Sequence[str], sc
     return feats, np.asarray(adherence)
 
 
+def _folder_digest(folder: str | Path) -> str:
+    """SHA-256 of a folder's file names and bytes (the autoencoder a run trained on, wherever it lives)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+class Ledger:
+    """Finished candidates' scores, committed beside the report, so a search spans sessions.
+
+    Why: a candidate costs ~20 CPU minutes to train and score and the whole search hours, more
+    than one session; run folders (checkpoints, pipelines) are too big to commit, but what the
+    report needs of a finished candidate is small: its Inception features (float16, ~0.8 MB at
+    200 prompts), per-image adherence and training summary. One ``<name>-<key>.npz`` + ``.json``
+    per candidate, the key a hash of its UNet config, its training settings (the autoencoder by
+    content, not path) and the scoring settings, so another schedule or layout never reads it.
+    The ``.json`` is written last and marks the entry complete; both are written atomically.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(layout: Layout, cfg: Any, scoring: dict[str, Any]) -> str:
+        import hashlib
+
+        meta = _run_meta(layout, cfg)
+        meta["train"]["vae"] = _folder_digest(cfg.vae)
+        blob = json.dumps({**meta, "scoring": scoring}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _paths(self, name: str, key: str) -> tuple[Path, Path]:
+        base = self.root / f"{name}-{key}"
+        return base.with_suffix(".json"), base.with_suffix(".npz")
+
+    def get(self, name: str, key: str) -> tuple[dict[str, Any], torch.Tensor, np.ndarray] | None:
+        meta_path, arrays_path = self._paths(name, key)
+        try:
+            meta = json.loads(meta_path.read_text())
+            with np.load(arrays_path) as z:
+                feats, adherence = torch.from_numpy(z["features"].astype(np.float32)), z["adherence"].astype(float)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return None  # absent or torn: train and score it again
+        return meta, feats, adherence
+
+    def put(self, name: str, key: str, layout: Layout, training: dict[str, Any], feats: torch.Tensor,
+            adherence: np.ndarray, scoring: dict[str, Any]) -> None:
+        from stepsaver.files import write_atomically
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta_path, arrays_path = self._paths(name, key)
+
+        def arrays(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, features=feats.numpy().astype(np.float16),
+                                    adherence=np.asarray(adherence, dtype=np.float32))
+        write_atomically(arrays_path, arrays)
+        keep = {k: v for k, v in training.items() if k not in ("history", "pipeline", "trained_now")}
+        meta = {"candidate": name, "layout": layout.to_dict(), "training": keep, "scoring": scoring,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_threads": torch.get_num_threads()}
+        write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+
+
+def _as_stored(feats: torch.Tensor) -> torch.Tensor:
+    """Features as the ledger keeps them (float16), so FID never depends on whether an entry was reused."""
+    return feats.float().to(torch.float16).to(torch.float32)
+
+
 def paired_mean_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 100, seed: int = 0) -> dict[str, float]:
     """Mean of ``a - b`` over paired rows with a bootstrap 95% CI (prompts resampled)."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -516,7 +589,7 @@ def search(base: Any = None, *, out_dir: str | Path = "runs/search", layouts: Se
            guidance: float = 5.0, seed: int = 0, scene_seed: int = 2, eval_batch: int = 32,
            latency_batch: int = 2, latency_repeats: int = 20, latency_warmup: int = 2, n_boot: int = 100,
            results_dir: str | Path | None = "docs/results", name: str = "architecture", progress: bool = True,
-           max_minutes: float | None = None) -> dict[str, Any]:
+           max_minutes: float | None = None, ledger_dir: str | Path | None = None) -> dict[str, Any]:
     """Time, train (proxy schedule), score and report every candidate; returns rows, Pareto set, winner, verdict.
 
     ``base`` is a :class:`~stepsaver.shrink.train.TrainConfig` with the data and optimiser settings
@@ -526,9 +599,12 @@ def search(base: Any = None, *, out_dir: str | Path = "runs/search", layouts: Se
     in ``out_dir/<name>`` and caches its scores there, so a killed search continues where it
     stopped and a finished candidate is neither retrained nor re-rendered. ``max_minutes`` bounds
     this call's training (the search then stops, resumable). ``results_dir=None`` writes no report.
+    ``ledger_dir`` (the CLI's default: ``docs/results/architecture-ledger``, meant to be committed)
+    keeps each finished candidate's scores (:class:`Ledger`): a candidate found there is neither
+    trained nor rendered, even when its run folder is gone, so a search spans sessions one
+    candidate at a time. Each candidate is trained and scored before the next starts.
     """
     from rich.console import Console
-    from rich.progress import Progress
 
     from stepsaver.bench.heldout import heldout_set
     from stepsaver.generation import MAX_STEPS
@@ -569,7 +645,21 @@ def search(base: Any = None, *, out_dir: str | Path = "runs/search", layouts: Se
 
     t0 = time.time()
     trained: dict[str, dict] = {}
+    feats: dict[str, torch.Tensor] = {}
+    adh: dict[str, np.ndarray] = {}
+    ledger = Ledger(ledger_dir) if ledger_dir is not None else None
+    scoring = {"n": n, "steps": steps, "guidance": guidance, "seed": seed, "scene_seed": scene_seed}
+    key = f"eval-n{n}-steps{steps}-g{guidance:g}-seed{seed}-ss{scene_seed}.pt"
+    heldout: tuple[Any, ...] | None = None
+    scorer = None
     for i, layout in enumerate(layouts, 1):
+        entry_key = Ledger.key(layout, replace(base, steps=proxy_steps), scoring) if ledger is not None else ""
+        found = ledger.get(layout.name, entry_key) if ledger is not None else None
+        if found is not None:
+            meta, feats[layout.name], adh[layout.name] = found
+            trained[layout.name] = {**meta["training"], "trained_now": False, "from_ledger": True}
+            console.print(f"[{i}/{len(layouts)}] {layout.name}: scores from the ledger ({meta['date']})")
+            continue
         left = None if max_minutes is None else max_minutes - (time.time() - t0) / 60
         if left is not None and left <= 0:
             raise StepsaverError(f"--max-minutes reached before {layout.name}; run the same command again to continue")
@@ -581,19 +671,16 @@ def search(base: Any = None, *, out_dir: str | Path = "runs/search", layouts: Se
         if not summary["trained_now"]:
             console.print(f"  {layout.name}: already trained, reused")
         trained[layout.name] = summary
-
-    scenes, prompts, _real, real_f = heldout_set(n, scene_seed)
-    scorer = AdherenceScorer.load()
-    feats: dict[str, torch.Tensor] = {}
-    adh: dict[str, np.ndarray] = {}
-    key = f"eval-n{n}-steps{steps}-g{guidance:g}-seed{seed}-ss{scene_seed}.pt"
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"scoring ({n} prompts, {steps} steps)", total=len(layouts))
-        for layout in layouts:
-            feats[layout.name], adh[layout.name] = _evaluate(
-                trained[layout.name]["pipeline"], out / layout.name / key, prompts, scenes, steps, eval_batch,
-                seed, guidance, scorer)
-            bar.advance(task)
+        if heldout is None:
+            heldout, scorer = heldout_set(n, scene_seed), AdherenceScorer.load()
+        scenes, prompts = heldout[0], heldout[1]
+        console.print(f"  scoring {layout.name} ({n} prompts, {steps} steps)")
+        f, a = _evaluate(summary["pipeline"], out / layout.name / key, prompts, scenes, steps, eval_batch, seed,
+                         guidance, scorer)
+        feats[layout.name], adh[layout.name] = _as_stored(f), a
+        if ledger is not None:
+            ledger.put(layout.name, entry_key, layout, summary, f, a, scoring)
+    real_f = (heldout if heldout is not None else heldout_set(n, scene_seed))[3]
     rows = []
     for r in lat:
         c = r["candidate"]
@@ -704,6 +791,7 @@ def write_search_report(result: dict[str, Any], out_dir: str | Path = "docs/resu
                                                       "bootstrap_adherence", "verdict", "layouts", "settings")})
 
 
-__all__ = ["BASELINE", "CANDIDATES", "DEFAULT_BUDGET", "TARGET_SPEEDUP", "Layout", "budget_check", "candidates",
-           "default_base", "measure_latencies", "measure_latency", "paired_mean_ci", "pareto", "parse_candidates",
-           "search", "ship_verdict", "train_candidate", "train_winner", "verdict_text", "write_search_report"]
+__all__ = ["BASELINE", "CANDIDATES", "DEFAULT_BUDGET", "TARGET_SPEEDUP", "Layout", "Ledger", "budget_check",
+           "candidates", "default_base", "measure_latencies", "measure_latency", "paired_mean_ci", "pareto",
+           "parse_candidates", "search", "ship_verdict", "train_candidate", "train_winner", "verdict_text",
+           "write_search_report"]
