@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +267,9 @@ class Evaluation:
     def holds(self) -> bool:
         return self.tolerance.holds(self.values)
 
-    @property
+    @cached_property
     def confident(self) -> bool:
+        """Holds with confidence (a bootstrap: computed once, the search asks it of every setting often)."""
         return self.tolerance.holds_with_confidence(self.values)
 
     def passes(self, n_heldout: int, selection: float = 0.0) -> bool:
