@@ -28,7 +28,7 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(fid_module, "fid_from_features", lambda real, fake: 1.5)
     monkeypatch.setattr(bench_module, "peak_memory_bytes", lambda fn, device="cpu": (fn(), 2**20)[1])
     compiled: dict = {}  # dynamo's real tracing with its eager backend: Inductor's code generation takes minutes
-    monkeypatch.setattr(bench_module, "_compiled_unet", lambda pipe: compiled.setdefault(
+    monkeypatch.setattr(bench_module, "_compiled_denoiser", lambda pipe: compiled.setdefault(
         "unet", torch.compile(pipe.unet, backend="eager")))
     cfg = SkipBenchConfig(n=2, ablation_n=1, oracle_n=1, time_n=1, macs_n=1, schedulers=("ddim",), steps=6,
                           ablation_steps=(6, 5), deltas=(0.01, 0.05), max_skips_grid=(2, 4), batch=2,
@@ -75,6 +75,38 @@ def test_bench_skip_smoke(tmp_path, monkeypatch):
     for name in ("skip-psnr-vs-speedup.png", "skip-ablation.png", "skip-paths.png", "skip-schedulers.png"):
         assert (tmp_path / name).stat().st_size > 0 and name in md
     assert result["md"] == str(tmp_path / "skip.md")
+
+
+def test_bench_skip_on_the_flux_layout_model(tmp_path, monkeypatch):
+    """tiny-flux: the transformer is compiled, DeepCache (a UNet cache) is left out with a note, and the
+    sweep defaults to the schedulers that fit a flow-matching model."""
+    import stepsaver.bench.skip as bench_module
+
+    monkeypatch.setattr(bench_module, "peak_memory_bytes", lambda fn, device="cpu": (fn(), 2**20)[1])
+    compiled: dict = {}
+    monkeypatch.setattr(bench_module, "_compiled_denoiser", lambda pipe: compiled.setdefault(
+        "transformer", torch.compile(pipe.transformer, backend="eager")))
+    cfg = SkipBenchConfig(model="tiny-flux", n=2, ablation_n=1, oracle_n=0, time_n=1, macs_n=1,
+                          schedulers=("flow_euler",), steps=8, ablation_steps=(8,), deltas=(0.1,),
+                          max_skips_grid=(6,), batch=2, device="cpu", threads=1, sweep_n=2, sweep_steps=(8,),
+                          fid=False)
+    bench_skip(cfg, out_dir=tmp_path, show_progress=False)
+    payload = json.loads((tmp_path / "skip.json").read_text())
+    keys = [r["key"] for r in payload["rows"]]
+    assert not [k for k in keys if k.startswith("deepcache")]
+    assert {"ours", "full_compiled", "ours_compiled"} <= set(keys)
+    by_key = dict(zip(keys, payload["rows"], strict=True))
+    assert by_key["full_compiled"]["psnr_db"] > 60  # the compiled transformer renders the eager image
+    assert by_key["ours"]["denoiser_calls"] < by_key["full"]["denoiser_calls"] == 16  # true CFG: 2 calls a step
+    assert {r["scheduler"] for r in payload["scheduler_sweep"]} == {"flow_euler"}
+    assert "beats_deepcache_flow_euler" not in payload["targets"] and "beats_fixed_flow_euler" in payload["targets"]
+    md = (tmp_path / "skip.md").read_text()
+    assert "DeepCache rows are left out" in md and "**Target 2" not in md
+    # a scheduler that does not fit the model is one line naming the ones that do
+    with pytest.raises(StepsaverError, match=r"ddim do not fit 'tiny-flux' \(a flow-matching model\).*flow_euler"):
+        bench_skip(SkipBenchConfig(model="tiny-flux", n=2, ablation_n=0, oracle_n=0, time_n=1, macs_n=1,
+                                   schedulers=("ddim",), sweep_n=0, device="cpu", fid=False),
+                   out_dir=tmp_path / "x", show_progress=False)
 
 
 def _row(key, speedup, psnr, lpips, calls=25.0, steps=50, scheduler="ddim"):

@@ -101,13 +101,14 @@ class Method:
     def applied(self, pipe: Any) -> Iterator[None]:
         """Attach this method to ``pipe`` for the block, and take it off again."""
         if self.compiled:
-            eager = pipe.unet
-            pipe.unet = _compiled_unet(pipe)
+            name = _denoiser_name(pipe)
+            eager = getattr(pipe, name)
+            setattr(pipe, name, _compiled_denoiser(pipe))
             try:
                 with dataclasses.replace(self, compiled=False).applied(pipe):
                     yield
             finally:
-                pipe.unet = eager
+                setattr(pipe, name, eager)
         elif self.kind == "skip":
             from stepsaver.skip.hook import disable_adaptive_skip, enable_adaptive_skip
 
@@ -125,11 +126,16 @@ class Method:
             yield
 
 
-def _compiled_unet(pipe: Any) -> torch.nn.Module:
-    """One ``torch.compile`` (Inductor) of the pipeline's UNet, kept with the pipeline and reused."""
+def _denoiser_name(pipe: Any) -> str:
+    """The pipeline attribute holding the denoiser: ``unet``, or ``transformer`` (Flux, SD3, PixArt)."""
+    return "unet" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else "transformer"
+
+
+def _compiled_denoiser(pipe: Any) -> torch.nn.Module:
+    """One ``torch.compile`` (Inductor) of the pipeline's denoiser, kept with the pipeline and reused."""
     compiled = pipe.__dict__.get("_stepsaver_bench_compiled")
     if compiled is None:
-        compiled = torch.compile(pipe.unet)
+        compiled = torch.compile(getattr(pipe, _denoiser_name(pipe)))
         pipe.__dict__["_stepsaver_bench_compiled"] = compiled
     return compiled
 
@@ -370,20 +376,21 @@ def targets(rows: Sequence[dict], grid: Sequence[dict], steps: int) -> dict[str,
         if ours is None:
             continue
         caches = [r for r in rows if r["scheduler"] == scheduler and r["key"].startswith("deepcache")]
-        slower = [r for r in caches if r["speedup"] <= ours["speedup"]]
-        beaten = [r for r in slower if ours["psnr_db"] > r["psnr_db"] and ours["lpips"] < r["lpips"]]
-        detail = "; ".join(f"{r['method']}: {r['speedup']:.2f}x, {r['psnr_db']:.2f} dB, LPIPS {r['lpips']:.4f}"
-                           for r in caches)
-        mine = f"ours {ours['speedup']:.2f}x, {ours['psnr_db']:.2f} dB, LPIPS {ours['lpips']:.4f}"
-        if not slower:
-            holds, verdict = None, "not comparable (every DeepCache interval was faster than ours)"
-        else:
-            holds = len(beaten) == len(slower)
-            verdict = "holds" if holds else "does not hold"
-        out[f"beats_deepcache_{scheduler}"] = {
-            "holds": holds, "compared": [r["method"] for r in slower], "beaten": [r["method"] for r in beaten],
-            "text": f"**Target 2 ({scheduler}, beat DeepCache at equal or greater speedup): {verdict}** — {mine}; "
-                    f"{detail}."}
+        if caches:  # none on a transformer model: DeepCache caches a UNet's blocks
+            slower = [r for r in caches if r["speedup"] <= ours["speedup"]]
+            beaten = [r for r in slower if ours["psnr_db"] > r["psnr_db"] and ours["lpips"] < r["lpips"]]
+            detail = "; ".join(f"{r['method']}: {r['speedup']:.2f}x, {r['psnr_db']:.2f} dB, LPIPS {r['lpips']:.4f}"
+                               for r in caches)
+            mine = f"ours {ours['speedup']:.2f}x, {ours['psnr_db']:.2f} dB, LPIPS {ours['lpips']:.4f}"
+            if not slower:
+                holds, verdict = None, "not comparable (every DeepCache interval was faster than ours)"
+            else:
+                holds = len(beaten) == len(slower)
+                verdict = "holds" if holds else "does not hold"
+            out[f"beats_deepcache_{scheduler}"] = {
+                "holds": holds, "compared": [r["method"] for r in slower], "beaten": [r["method"] for r in beaten],
+                "text": f"**Target 2 ({scheduler}, beat DeepCache at equal or greater speedup): {verdict}** — "
+                        f"{mine}; {detail}."}
         out.update(_beats_fixed(rows, scheduler, ours))
         iso = _row(rows, scheduler, "iso")
         if iso is None:
@@ -496,7 +503,7 @@ class _Bench:
     """The state of one run: the pipeline, the prompts, and every render, cached by method."""
 
     def __init__(self, cfg: SkipBenchConfig, bar: _Bar) -> None:
-        from stepsaver.pipelines import load_pipeline
+        from stepsaver.pipelines import is_flow_matching, load_pipeline, schedulers_for
         from stepsaver.scenes import SceneGenerator
 
         self.cfg, self.bar = cfg, bar
@@ -504,9 +511,22 @@ class _Bench:
         self.prompts = [gen.sample(i).caption for i in range(cfg.n)]
         self.seeds = [cfg.seed + i for i in range(cfg.n)]
         self.pipe = load_pipeline(cfg.model, scheduler=None, device=cfg.device)
-        if cfg.deepcache_intervals and not isinstance(getattr(self.pipe, "unet", None), torch.nn.Module):
-            raise StepsaverError(f"DeepCache needs a UNet pipeline; {type(self.pipe).__name__} has none")
         self.base_config = dict(self.pipe.scheduler.config)
+        self.notes: list[str] = []
+        fit = schedulers_for(self.base_config)
+        wrong = [s for s in (*cfg.schedulers, *(cfg.sweep_schedulers or ())) if s not in fit]
+        if wrong:
+            kind = "a flow-matching" if is_flow_matching(self.base_config) else "a noise-schedule"
+            raise StepsaverError(f"scheduler(s) {', '.join(wrong)} do not fit {cfg.model!r} ({kind} model); "
+                                 f"use --schedulers / --sweep-schedulers from: {', '.join(fit)}")
+        if cfg.sweep_n and cfg.sweep_schedulers is None:  # every scheduler of the registry that fits the model
+            cfg = dataclasses.replace(cfg, sweep_schedulers=tuple(fit))
+        if cfg.deepcache_intervals and _denoiser_name(self.pipe) != "unet":
+            cfg = dataclasses.replace(cfg, deepcache_intervals=())
+            self.notes.append(f"DeepCache rows are left out: DeepCache caches a UNet's blocks and "
+                              f"{type(self.pipe).__name__} has a transformer (bench caches compares diffusers' "
+                              "caches on it).")
+        self.cfg = cfg
         self.device = getattr(self.pipe, "device", torch.device("cpu"))
         self.cache: dict[tuple[str, Method], dict[int, _Render]] = {}
         self.scheduler = ""
@@ -961,6 +981,7 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
     timing: dict[str, Any] = {}
     with bar.progress:
         bench = _Bench(cfg, bar)
+        cfg = bench.cfg  # completed for the model (its sweep schedulers; no DeepCache without a UNet)
         for scheduler in cfg.schedulers:
             r, g, s, t = _scheduler_block(bench, scheduler)
             rows += r
@@ -979,8 +1000,8 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
 
     lines = [f"{len(cfg.schedulers)} scheduler(s), {cfg.n} held-out scene prompts (eval split), batch 1 unless "
              f"stated, seeds {cfg.seed}..{cfg.seed + cfg.n - 1}, guidance {cfg.guidance:g}; quality against the "
-             f"full {cfg.steps}-step images of the same scheduler. Run took {elapsed / 60:.1f} min.", "",
-             "## Targets", ""]
+             f"full {cfg.steps}-step images of the same scheduler. Run took {elapsed / 60:.1f} min.",
+             *(f"\n{note}" for note in bench.notes), "", "## Targets", ""]
     lines += [v["text"] for v in verdicts.values()]
     lines += ["", "## How to read the table", "",
               "* denoiser calls: mean per image. DeepCache calls the UNet every step but runs the full network "
