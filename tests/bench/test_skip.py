@@ -98,6 +98,14 @@ def test_bench_skip_on_the_flux_layout_model(tmp_path, monkeypatch):
     by_key = dict(zip(keys, payload["rows"], strict=True))
     assert by_key["full_compiled"]["psnr_db"] > 60  # the compiled transformer renders the eager image
     assert by_key["ours"]["denoiser_calls"] < by_key["full"]["denoiser_calls"] == 16  # true CFG: 2 calls a step
+    # plain steps at ours' calls: half as many steps as calls, since every step makes two
+    assert by_key["iso"]["denoiser_calls"] == 2 * by_key["iso"]["steps"]
+    assert abs(by_key["iso"]["denoiser_calls"] - by_key["ours"]["denoiser_calls"]) <= 2
+    for r in payload["scheduler_sweep"]:
+        if r["method"].startswith("iso"):
+            twin = next(o for o in payload["scheduler_sweep"]
+                        if o["method"] == r["iso_of"] and o["steps"] == r["steps"])
+            assert abs(r["denoiser_calls"] - twin["denoiser_calls"]) <= 2
     assert {r["scheduler"] for r in payload["scheduler_sweep"]} == {"flow_euler"}
     assert "beats_deepcache_flow_euler" not in payload["targets"] and "beats_fixed_flow_euler" in payload["targets"]
     md = (tmp_path / "skip.md").read_text()

@@ -628,7 +628,8 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     for key, label, method in methods:
         results[key] = bench.renders(method, cfg.n, label)
     ours_calls = _mean([r.calls for r in results["ours"]])
-    iso_steps = _iso_steps(ours_calls, scheduler, cfg.steps)
+    per_step = _calls_per_step(_mean([r.calls for r in results["full"]]), scheduler, cfg.steps)
+    iso_steps = _iso_steps(ours_calls, scheduler, cfg.steps, per_step)
     methods.append(("iso", f"iso-cost fixed {iso_steps} steps", Method("plain", iso_steps)))
     results["iso"] = bench.renders(methods[-1][2], cfg.n, methods[-1][1])
     reference = results["full"]
@@ -645,7 +646,7 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
                 cell = bench.renders(cfg.ours(cfg.steps, threshold=delta, max_skips=c_max), m,
                                      f"ablation threshold={delta:g} C={c_max}")
                 q = _quality(cell, ref_m)
-                n_iso = _iso_steps(q["denoiser_calls"], scheduler, cfg.steps)
+                n_iso = _iso_steps(q["denoiser_calls"], scheduler, cfg.steps, per_step)
                 iso_q = _quality(bench.renders(Method("plain", n_iso), m, f"ablation iso {n_iso} steps"), ref_m)
                 grid_rows.append({"scheduler": scheduler, "threshold": delta, "max_skips": c_max,
                                   "denoiser_calls": q["denoiser_calls"],
@@ -725,11 +726,26 @@ def _scheduler_block(bench: _Bench, scheduler: str) -> tuple[list[dict], list[di
     return rows, grid_rows, steps_rows, timing
 
 
-def _iso_steps(calls: float, scheduler: str, most: int) -> int:
-    """Plain steps that cost ``calls`` denoiser calls (a second-order sampler makes ``2N - 1`` in ``N`` steps)."""
+def _steps_calls(scheduler: str, steps: int) -> int:
+    """Denoiser calls of ``steps`` plain steps at one call per step (a second-order sampler: ``2N - 1``)."""
     from stepsaver.pipelines import scheduler_spec
 
-    n = round((calls + 1) / 2) if scheduler_spec(scheduler).second_order else round(calls)
+    return 2 * steps - 1 if scheduler_spec(scheduler).second_order else steps
+
+
+def _calls_per_step(full_calls: float, scheduler: str, steps: int) -> int:
+    """How many denoiser calls the pipeline makes per sampler step: 1, or 2 where it splits
+    classifier-free guidance into two calls (Flux's true CFG), read off the full run."""
+    return max(1, round(full_calls / _steps_calls(scheduler, steps)))
+
+
+def _iso_steps(calls: float, scheduler: str, most: int, per_step: int = 1) -> int:
+    """Plain steps that cost ``calls`` denoiser calls (a second-order sampler makes ``2N - 1`` in ``N`` steps;
+    a pipeline that splits CFG into two calls makes ``per_step`` = 2 per step)."""
+    from stepsaver.pipelines import scheduler_spec
+
+    c = calls / per_step
+    n = round((c + 1) / 2) if scheduler_spec(scheduler).second_order else round(c)
     return max(1, min(most, n))
 
 
@@ -747,6 +763,7 @@ def _sweep(bench: _Bench) -> list[dict]:
         for steps in cfg.sweep_steps:
             full = bench.renders(Method("plain", steps, batch=b), m, f"sweep full {steps}")
             full_calls = _mean([r.calls for r in full])
+            per_step = _calls_per_step(full_calls, scheduler, steps)
             methods = [("ours", cfg.ours(steps, batch=b)), ("criterion", cfg.criterion(steps, batch=b)),
                        ("paper", cfg.criterion(steps, threshold=0.01, batch=b, scale="latent", reuse="output"))]
             for key, method in methods:
@@ -755,7 +772,7 @@ def _sweep(bench: _Bench) -> list[dict]:
                              "denoiser_calls": q["denoiser_calls"], "call_reduction": full_calls / q["denoiser_calls"],
                              "psnr_db": q["psnr_db"], "psnr_min_db": q["psnr_min_db"], "lpips": q["lpips"]})
                 if key in ("ours", "criterion"):
-                    n_iso = _iso_steps(q["denoiser_calls"], scheduler, steps)
+                    n_iso = _iso_steps(q["denoiser_calls"], scheduler, steps, per_step)
                     iso = _quality(bench.renders(Method("plain", n_iso, batch=b), m, f"sweep iso {n_iso}"), full)
                     rows.append({"scheduler": scheduler, "steps": steps, "method": f"iso-cost {n_iso} steps",
                                  "iso_of": key, "full_calls": full_calls, "denoiser_calls": iso["denoiser_calls"],
@@ -1036,7 +1053,8 @@ def _bench_skip(cfg: SkipBenchConfig, out: Path, show_progress: bool) -> dict[st
                   f"reuse='{shipped.reuse}' (noise, or x0 on schedulers that add fresh noise); criterion: "
                   f"delta={CRITERION[0]:g}, C_max={CRITERION[1]}, scale='sigma', reuse='noise'; paper: the "
                   f"criterion's C_max, delta=0.01 on raw latent differences with raw reuse; iso-cost: plain steps "
-                  "at the calls of ours or the criterion (second-order samplers: 2N-1 calls in N steps). Quality "
+                  "at the calls of ours or the criterion (second-order samplers: 2N-1 calls in N steps; a "
+                  "pipeline that splits CFG into two calls makes 2 a step). Quality "
                   "against the same scheduler's full run.", "",
                   _fmt_table(sweep, ["scheduler", "steps", "method", "denoiser_calls", "call_reduction", "psnr_db",
                                      "psnr_min_db", "lpips", "meets_target"])]
