@@ -106,6 +106,42 @@ def test_the_selection_critical_value_corrects_the_winners_curse():
     assert share.selection_critical([np.full(30, 0.01)] * 10) == pytest.approx(NormalDist().inv_cdf(1 - 0.0025))
 
 
+def test_the_calibration_stage_rescans_when_the_widening_bound_unseats_a_pass():
+    """Family "a"'s cheap setting passes while it is the only one compared (critical 1.96) and fails once
+    eight are (the bound widens): the stage goes back for that family's next setting."""
+    from types import SimpleNamespace
+
+    from stepsaver.calibrate.search import Evaluation, _calibrate_stage
+
+    tol, n = parse_tolerance("lpips<=0.02"), 48
+    rng = np.random.default_rng(1)
+
+    def exact(mean, sd):  # values with exactly this mean and sd
+        z = rng.normal(size=n)
+        return mean + sd * (z - z.mean()) / z.std(ddof=1)
+
+    a1, a2 = Candidate(steps=5), Candidate(steps=10)
+    others = [Candidate(steps=20 + i) for i in range(7)]
+    values = {a1: exact(0.012, 0.01), a2: exact(0.005, 0.01), **{c: exact(0.005, 0.01) for c in others}}
+    family = {a1: "a", a2: "a", **{c: f"f{i}" for i, c in enumerate(others)}}
+
+    def evaluation(c, idx):
+        idx = list(idx)
+        return Evaluation(c, family[c], {"lpips": values[c][idx], "psnr": np.full(len(idx), 40.0),
+                                         "ssim": np.full(len(idx), 0.99)},
+                          np.full(len(idx), float(c.steps)), np.full(len(idx), 0.1), tol)
+
+    search = SimpleNamespace(tol=tol, evaluate=lambda c, idx, what, timed=True: evaluation(c, idx),
+                             note=lambda *a: None)
+    screened = [evaluation(c, range(8)) for c in values]
+    assert all(e.holds and not e.hopeless() for e in screened)
+    out, critical = _calibrate_stage(search, screened, list(range(n)), 16)
+    measured = [e.candidate for e in out]
+    assert measured[0] == a1 and a2 in measured  # a1 first (cheapest), a2 only after the rescan
+    assert tol.expected_to_validate(values[a1], 16, 1.96) and not tol.expected_to_validate(values[a1], 16, critical)
+    assert critical > 2.2 and [e.candidate for e in out if e.passes(16, critical) and e.family == "a"] == [a2]
+
+
 def test_the_split_is_seeded_disjoint_and_complete():
     cal, held = split_prompts(PROMPTS, 0.25, seed=3)
     assert sorted(cal + held) == list(range(len(PROMPTS))) and not set(cal) & set(held) and len(held) == 3
