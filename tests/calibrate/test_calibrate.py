@@ -307,7 +307,7 @@ def test_the_config_round_trips_and_runs_what_was_chosen(pipe, tmp_path):
     from stepsaver.skip import disable_adaptive_skip, skip_report
 
     cfg = _config(pipe)
-    path = cfg.save(tmp_path / "c.json")
+    path = cfg.save(tmp_path / "new" / "folder" / "c.json")  # a missing folder is made
     back = load_calibrated(path)
     assert back.candidate == cfg.candidate and back.to_dict()["setting"] == cfg.to_dict()["setting"]
     assert (back.guidance, back.steps(), back.fingerprint) == (3.0, 8, cfg.fingerprint)

@@ -104,6 +104,7 @@ class CalibratedConfig:
         from stepsaver.jsonsafe import dumps
 
         text = dumps(self.to_dict(), indent=2) + "\n"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # `--out new/folder/cal.json` is not an error
         return write_atomically(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
