@@ -5,6 +5,9 @@ For each embedded model and each tolerance, ``calibrate`` runs on ``n`` held-out
 50 steps as the reference, and the shipped recommender in the search for the model it was
 trained for. Runs of one model share a render cache, so the first tolerance pays for most
 renders and the report says so: its CPU minutes are the honest "calibrating takes" number.
+``labels`` (per model: label rows with several seeds per prompt, e.g. the shipped
+``data/labels/tiny-train``) add calibrate's predictability line to that model's runs: how much of
+the step label the prompt decides, so the report says whether Predict can pay there at all.
 
 Targets checked and written as verdicts:
 
@@ -56,7 +59,8 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
                     work: str | Path = "runs/calibrate-bench",
                     budget_minutes: float | None = None, batch_size: int = 8, out_dir: str | Path = "docs/results",
                     name: str = "calibrate", show_progress: bool = True, device: str = "auto",
-                    space: Any = None, log: Any = None, **call_kwargs: Any) -> dict[str, Any]:
+                    space: Any = None, log: Any = None, labels: dict[str, Sequence[dict]] | None = None,
+                    **call_kwargs: Any) -> dict[str, Any]:
     """Run ``calibrate`` for each model x tolerance and write ``<name>.{md,json,png}``."""
     from stepsaver.calibrate import calibrate, parse_tolerance
     from stepsaver.calibrate.report import write_calibration_report
@@ -66,6 +70,11 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
     tols = [parse_tolerance(t) for t in tolerances]
     if not models or not tols:
         raise StepsaverError("bench calibrate needs at least one model and one tolerance")
+    labels = dict(labels or {})
+    unknown = sorted(set(labels) - set(models))
+    if unknown:
+        raise StepsaverError(f"labels were given for {', '.join(unknown)}, which is not among the models calibrated "
+                             f"({', '.join(models)}); give labels as MODEL=PATH for one of those")
     gen = SceneGenerator(seed=prompt_seed, split="eval")
     prompts = [gen.sample(i).caption for i in range(n)]
     results, verdicts = [], []
@@ -77,7 +86,7 @@ def bench_calibrate(models: Sequence[str] = ("tiny",), tolerances: Sequence[str]
             res = calibrate(pipe, prompts, tol, model=model, reference_steps=reference_steps,
                             recommender="tiny" if model == "tiny" else None,
                             work=folder, batch_size=batch_size, budget_minutes=budget_minutes, space=space,
-                            show_progress=show_progress, log=log, **call_kwargs)
+                            show_progress=show_progress, log=log, labels=labels.get(model), **call_kwargs)
             run = f"{model}: {tol}"
             results.append((run, res))
             res.config.save(Path(out_dir) / f"{name}-{model}-{tol.metric}{tol.bound:g}.config.json")

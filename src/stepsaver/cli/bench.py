@@ -426,16 +426,28 @@ def bench_calibrate_cmd(
     budget_minutes: float | None = typer.Option(None, "--budget-minutes"),
     out_dir: Path = typer.Option(Path("docs/results"), "--out-dir"),
     device: str = typer.Option("auto", "--device"),
+    labels: list[str] = typer.Option([], "--labels",
+                                     help="MODEL=PATH (repeat): label files/folders with several seeds per prompt "
+                                          "(`label --seeds 3`) whose predictability that model's runs report, "
+                                          "e.g. tiny=data/labels/tiny-train."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Issue 20's targets: real calibrate runs per model and tolerance, held-out checks, Pareto plots."""
     from stepsaver.bench.calibrate import bench_calibrate
     from stepsaver.cli.render import log_to_stderr
+    from stepsaver.predict.dataset import read_label_rows
 
     if n < 8:
         raise StepsaverError(f"--n must be at least 8 prompts, got {n}")
+    label_rows: dict[str, list[dict]] = {}
+    for item in labels:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise StepsaverError(f"--labels takes MODEL=PATH (e.g. tiny=data/labels/tiny-train), got {item!r}")
+        label_rows.setdefault(name.strip(), []).extend(read_label_rows([path.strip()]))
     result = bench_calibrate(model, tolerance, n=n, prompt_seed=prompt_seed, work=work, budget_minutes=budget_minutes,
-                             out_dir=out_dir, device=device, show_progress=not as_json, log=log_to_stderr(as_json))
+                             out_dir=out_dir, device=device, show_progress=not as_json, log=log_to_stderr(as_json),
+                             labels=label_rows)
     rows = [dict(res.summary, run=run) for run, res in result["results"]]
     emit_rows(rows, [Col("run", "run"), Col("chosen", "chosen"), Col("held-out", "heldout_statistic", F3),
                      Col("holds", "heldout_holds_with_confidence"), Col("calls x", "speedup_calls", F2),
