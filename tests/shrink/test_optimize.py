@@ -207,6 +207,27 @@ def test_exported_denoiser_returns_what_the_original_returns_at_any_batch():
     assert wrapped.config is unet.config and wrapped.dtype == torch.float32
 
 
+def test_onnxruntime_exports_a_flux_transformer_with_rms_norm():
+    """Flux's query/key RMSNorm is ``aten::rms_norm``, which opset 17 lacks; the export supplies it."""
+    pytest.importorskip("onnxruntime")
+    pipe = helpers.build_flux()
+    pipe.set_progress_bar_config(disable=True)
+
+    def image():
+        return pipe("a red square", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+
+    ref = image()
+    pipe.transformer = opt.ExportedModule(pipe.transformer, "onnxruntime")
+    out = image()
+    assert pipe.transformer.exported_graphs == 1 and np.abs(out - ref).max() < 1e-4
+    norm, x = torch.nn.RMSNorm(4, eps=1e-3).eval(), torch.randn(3, 4)
+    wrapped = opt.ExportedModule(norm, "onnxruntime")  # eps and the weight reach the graph
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+        assert torch.allclose(wrapped(x), norm(x), atol=1e-5)
+
+
 class _Toy(torch.nn.Module):
     """Arguments as diffusers denoisers take them: a dict of tensors, a dict of scalars, return_dict."""
 

@@ -393,15 +393,57 @@ class ExportedModule(_Wrapper):
                 return _Runner(_openvino_runner(flat, example, threads), form)
 
 
+ONNX_OPSET = 17
+
+
+def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """``aten::rms_norm`` as ONNX ops of opset 17: ``x / sqrt(mean(x^2 over the last dims) + eps) * weight``.
+
+    Why: diffusers' ``RMSNorm`` (Flux's and SD3's query/key norms) calls ``torch.nn.functional.rms_norm``,
+    which the TorchScript exporter has no opset-17 symbolic for (ONNX has RMSNormalization only from
+    opset 23, which ONNX Runtime's CPU kernels and OpenVINO do not all take), so the export failed.
+    ``eps`` left out is torch's default, the input dtype's machine epsilon.
+    """
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    value = None if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    eps_value = torch.finfo(torch.float32).eps if value is None else float(value)
+    axes = list(range(-len(dims), 0))
+    square = g.op("Mul", x, x)
+    mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
+    out = g.op("Div", x, rms)
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+def _ensure_onnx_symbolics() -> None:
+    """Register the symbolics the export needs and torch lacks (:func:`_rms_norm_symbolic`), once.
+
+    Registered for the process, not just for our export: unregistering leaves torch's registry with an
+    empty entry whose later lookups fail with a confusing error, and a correct decomposition of an op
+    torch cannot export otherwise only helps a user's own export. One already registered (the user's,
+    or a later torch's) is left alone.
+    """
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+        if registry.is_registered_op("aten::rms_norm", ONNX_OPSET):
+            return
+    except (ImportError, AttributeError):  # another torch layout: registering again only overrides ours
+        pass
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, ONNX_OPSET)
+
+
 def _onnx_file(flat: nn.Module, example: tuple, names: list[str], dynamic: list[bool], folder: Path) -> Path:
     """Trace ``flat`` to ``folder/model.onnx`` with a dynamic batch (a file, not bytes: models over 2 GB
     need external data files)."""
     axes = {n: {0: "batch"} for n, d in zip(names, dynamic, strict=True) if d}
     axes["out"] = {0: "batch"}
     path = folder / "model.onnx"
+    _ensure_onnx_symbolics()
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(flat, example, str(path), dynamo=False, input_names=names, output_names=["out"],
-                          dynamic_axes=axes, opset_version=17)
+                          dynamic_axes=axes, opset_version=ONNX_OPSET)
     return path
 
 
