@@ -413,10 +413,13 @@ def test_cli_optimize_writes_a_loadable_folder(tmp_path):
     prompts.write_text("\n".join(PROMPTS[:1]) + "\n")
     out = tmp_path / "opt"
     res = CliRunner().invoke(app, ["optimize", "--model", str(model), "--out", str(out), "--levers", "channels_last",
-                                   "--prompts", str(prompts), "--steps", "2", "--repeats", "2", "--json"])
+                                   "--prompts", str(prompts), "--steps", "2", "--repeats", "2", "--batch", "1,2",
+                                   "--json"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert payload["levers"][0]["lever"] == "channels_last" and payload["levers"][0]["status"] in ("kept", "dropped")
+    per = payload["levers"][0]["per_batch"]  # timed at both batch sizes, judged by the worse
+    assert set(per) == {"1", "2"} and payload["levers"][0]["speedup"] == min(v["speedup"] for v in per.values())
     data = json.loads((out / "optimize.json").read_text())
     assert data["base"] == {"kind": "folder", "path": str(model.resolve()), "fingerprint": data["base"]["fingerprint"]}
     assert not (out / "base").exists()
@@ -427,9 +430,32 @@ def test_cli_optimize_writes_a_loadable_folder(tmp_path):
     (["--levers", "channels_last,warp"], "unknown lever 'warp'"),
     (["--steps", "0"], "steps must be in 1..1000"),
     (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+    (["--batch", "1,x"], "--batch must be comma-separated integers"),
+    (["--batch", "0"], "--batch needs batch sizes >= 1"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     from stepsaver.cli import app
 
     res = CliRunner().invoke(app, ["optimize", "--out", str(tmp_path / "o"), *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_a_lever_fast_at_batch_1_but_slow_at_a_served_batch_is_dropped():
+    """Judged by the worst batch size the user serves (ONNX Runtime on the UNet: 1.93x at 1, 1.17x at 8)."""
+
+    class ByBatch(FixedTimer):
+        def pair(self, lever, part, eager, candidate):
+            candidate()
+            self.seen.append((lever, part))
+            return 0.010, 0.020 if part == "denoiser@2" else 0.005
+
+    timer = ByBatch()
+    result = opt.optimize_pipeline(helpers.build_sd15(), PROMPTS[:1], levers="channels_last", steps=STEPS,
+                                   timer=timer, batch_sizes=[1, 2])
+    record = result.levers[0]
+    assert ("channels_last", "denoiser") in timer.seen and ("channels_last", "denoiser@2") in timer.seen
+    assert record["per_batch"][1]["speedup"] == 2.0 and record["per_batch"][2]["speedup"] == 0.5
+    assert record["speedup"] == 0.5 and record["status"] == "dropped" and result.chosen == []
+    assert "worst of batch 1 2.00x, batch 2 0.50x" in record["reason"]
+    with pytest.raises(StepsaverError, match="batch sizes must be integers >= 1"):
+        opt.optimize_pipeline(helpers.build_sd15(), PROMPTS[:1], levers="channels_last", batch_sizes=[0])

@@ -28,6 +28,9 @@ def optimize(
     seed: int = typer.Option(0, "--seed", help="Prompt i starts from seed + i."),
     guidance: float = typer.Option(5.0, "--guidance", "-g", help="Classifier-free guidance scale."),
     min_speedup: float = typer.Option(1.05, "--min-speedup", help="A kept lever is at least this much faster."),
+    batch: str = typer.Option("1", "--batch",
+                              help="Prompts per pipeline call you serve, comma-separated (e.g. 1,8): each lever is "
+                                   "timed at each and judged by its worst."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Try channels-last, torch.compile, bf16, int8, selective int8, ONNX Runtime and OpenVINO on the
@@ -46,6 +49,12 @@ def optimize(
     )
 
     names = parse_levers(levers)  # every input is checked before the model loads
+    try:
+        sizes = [int(v) for v in batch.split(",") if v.strip()]
+    except ValueError:
+        raise StepsaverError(f"--batch must be comma-separated integers, got {batch!r}; e.g. --batch 1,8") from None
+    if not sizes or min(sizes) < 1:
+        raise StepsaverError(f"--batch needs batch sizes >= 1, got {batch!r}; e.g. --batch 1,8")
     if not 1 <= steps <= MAX_STEPS:
         raise StepsaverError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
     if repeats < 1:
@@ -66,7 +75,7 @@ def optimize(
     with _Progress(show=not as_json) as bar:
         result = optimize_pipeline(pipe, text, levers=names, steps=steps, seed=seed, guidance=guidance,
                                    repeats=repeats, min_speedup=min_speedup, log=log_to_stderr(as_json),
-                                   progress=bar.update)
+                                   progress=bar.update, batch_sizes=sizes)
     path = save_optimized(result, out, pipe, model=model)
     data = read_optimized(out)
     best = result.chosen_record
