@@ -483,11 +483,9 @@ def bench_optimize_cmd(
     """Issue 21's optimize targets: each lever alone and combined, per iteration (batch 1 and 8) and end to end
     at 50 steps with and without Skip, with cost and CO2 per 10k images."""
     from stepsaver.bench.optimize import OptimizeBenchConfig, bench_optimize
+    from stepsaver.cli.render import batch_sizes
 
-    try:
-        sizes = tuple(int(v) for v in _names(batch))
-    except ValueError:
-        raise StepsaverError(f"--batch must be comma-separated integers, got {batch!r}; e.g. --batch 1,8") from None
+    sizes = batch_sizes(batch)
     cfg = OptimizeBenchConfig(models=tuple(model), levers=levers, n=n, quality_steps=quality_steps, repeats=repeats,
                               batch_sizes=sizes, steps=steps, e2e_n=e2e_n, e2e_repeats=e2e_repeats, seed=seed,
                               guidance=guidance, price_per_hour=price, power_watts=power,

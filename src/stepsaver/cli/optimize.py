@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stepsaver.cli.render import Col, JsonOpt, command, emit_rows, log_to_stderr
+from stepsaver.cli.render import Col, JsonOpt, batch_sizes, command, emit_rows, log_to_stderr
 from stepsaver.errors import StepsaverError
 
 app = typer.Typer(no_args_is_help=True)
@@ -49,10 +49,7 @@ def optimize(
     )
 
     names = parse_levers(levers)  # every input is checked before the model loads
-    try:
-        sizes = [int(v) for v in batch.split(",") if v.strip()]
-    except ValueError:
-        raise StepsaverError(f"--batch must be comma-separated integers, got {batch!r}; e.g. --batch 1,8") from None
+    sizes = batch_sizes(batch)
     if not sizes or min(sizes) < 1:
         raise StepsaverError(f"--batch needs batch sizes >= 1, got {batch!r}; e.g. --batch 1,8")
     if not 1 <= steps <= MAX_STEPS:
@@ -75,7 +72,7 @@ def optimize(
     with _Progress(show=not as_json) as bar:
         result = optimize_pipeline(pipe, text, levers=names, steps=steps, seed=seed, guidance=guidance,
                                    repeats=repeats, min_speedup=min_speedup, log=log_to_stderr(as_json),
-                                   progress=bar.update, batch_sizes=sizes)
+                                   progress=bar.update, batch_sizes=list(sizes))
     path = save_optimized(result, out, pipe, model=model)
     data = read_optimized(out)
     best = result.chosen_record

@@ -62,6 +62,14 @@ def command(fn: Callable) -> Callable:
     return wrapper
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch 1,8`` as integers (``optimize`` and ``bench optimize`` take the same form)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise StepsaverError(f"--batch must be comma-separated integers, got {text!r}; e.g. --batch 1,8") from None
+
+
 def log_to_stderr(as_json: bool) -> Callable[[str], None]:
     """A ``log`` callback for library functions: stderr for people, silent under ``--json``."""
     return (lambda _m: None) if as_json else (lambda m: err_console.print(m, highlight=False))

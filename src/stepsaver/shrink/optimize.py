@@ -404,7 +404,7 @@ def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: 
     Why: diffusers' ``RMSNorm`` (Flux's and SD3's query/key norms) calls ``torch.nn.functional.rms_norm``,
     which the TorchScript exporter has no opset-17 symbolic for (ONNX has RMSNormalization only from
     opset 23, which ONNX Runtime's CPU kernels and OpenVINO do not all take), so the export failed.
-    ``eps`` left out is torch's default, the input dtype's machine epsilon.
+    ``eps`` left out is torch's default, the machine epsilon of float32 (the dtype every export here runs in).
     """
     from torch.onnx import symbolic_helper as sh
 
@@ -824,6 +824,13 @@ def default_prompts(n: int = 4) -> list[str]:
     return [scenes.sample(i).caption for i in range(n)]
 
 
+def _cloned_call(args: tuple, kwargs: dict) -> Call:
+    """A denoiser call's arguments, cloned outside inference mode so they outlive the pipeline call."""
+    with torch.inference_mode(False):
+        return Call(_map_tensors(args, lambda t: t.detach().clone()),
+                    _map_tensors(dict(kwargs), lambda t: t.detach().clone()))
+
+
 def _capture(pipe: Any, prompt: str, steps: int, seed: int, guidance: float,
              call_kwargs: dict[str, Any]) -> tuple[list[Any], list[Call], Call | None]:
     """The eager images of ``prompt`` and three of its denoiser calls (early, middle, late) plus one
@@ -833,16 +840,12 @@ def _capture(pipe: Any, prompt: str, steps: int, seed: int, guidance: float,
     calls: list[Call] = []
     decoder: list[Call] = []
 
-    def clone(value: Any) -> Any:
-        with torch.inference_mode(False):
-            return _map_tensors(value, lambda t: t.detach().clone())
-
     def on_denoiser(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append(Call(clone(args), clone(dict(kwargs))))
+        calls.append(_cloned_call(args, kwargs))
 
     def on_decoder(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if not decoder:
-            decoder.append(Call(clone(args), clone(dict(kwargs))))
+            decoder.append(_cloned_call(args, kwargs))
 
     handles = [getattr(pipe, _denoiser_name(pipe)).register_forward_pre_hook(on_denoiser, with_kwargs=True)]
     if getattr(getattr(pipe, "vae", None), "decoder", None) is not None:
@@ -872,9 +875,7 @@ def _capture_batch(pipe: Any, prompts: Sequence[str], batch: int, seed: int, gui
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not captured:
-            with torch.inference_mode(False):
-                captured.append(Call(_map_tensors(args, lambda t: t.detach().clone()),
-                                     _map_tensors(dict(kwargs), lambda t: t.detach().clone())))
+            captured.append(_cloned_call(args, kwargs))
 
     chunk = [prompts[i % len(prompts)] for i in range(batch)]
     handle = getattr(pipe, _denoiser_name(pipe)).register_forward_pre_hook(grab, with_kwargs=True)
