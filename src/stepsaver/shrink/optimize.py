@@ -462,7 +462,7 @@ def _onnxruntime_runner(flat: nn.Module, example: tuple, names: list[str], dynam
         options.log_severity_level = 3
         # no busy-waiting between runs: ORT's pool otherwise spins after each call and starves the torch work
         # around it (measured, tiny UNet at 2 threads: an eager call timed right after an ORT call took
-        # 94 ms with spinning, 37 ms without, 30-40 ms alone), which also inflated the lever's ratio
+        # 94 ms with spinning, 37 ms without, 29-51 ms alone), which also inflated the lever's ratio
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     wanted = [i.name for i in session.get_inputs()]  # the exporter drops inputs the graph never reads
