@@ -213,19 +213,44 @@ def test_onnxruntime_exports_a_flux_transformer_with_rms_norm():
     pipe = helpers.build_flux()
     pipe.set_progress_bar_config(disable=True)
 
-    def image():
-        return pipe("a red square", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
-                    output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    def image(prompts=("a red square",)):
+        return pipe(list(prompts), num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
 
-    ref = image()
+    ref, ref_pair = image(), image(("a red square", "a blue circle"))
     pipe.transformer = opt.ExportedModule(pipe.transformer, "onnxruntime")
     out = image()
-    assert pipe.transformer.exported_graphs == 1 and np.abs(out - ref).max() < 1e-4
+    assert np.abs(out - ref).max() < 1e-4
+    # the traced rotary embedding holds the batch size, so batch 2 gets its own graph instead of failing
+    assert np.abs(image(("a red square", "a blue circle")) - ref_pair).max() < 1e-4
+    assert pipe.transformer.exported_graphs == 2
     norm, x = torch.nn.RMSNorm(4, eps=1e-3).eval(), torch.randn(3, 4)
     wrapped = opt.ExportedModule(norm, "onnxruntime")  # eps and the weight reach the graph
     with torch.no_grad():
         norm.weight.mul_(2.0)
         assert torch.allclose(wrapped(x), norm(x), atol=1e-5)
+
+
+class _BakedBatch(torch.nn.Module):
+    """Shape arithmetic the tracer records as a constant (``int(x.shape[0])``), as in Flux's rotary reshape."""
+
+    def forward(self, x):
+        return x + x.reshape(int(x.shape[0]), -1).sum(dim=1, keepdim=True)  # baked: runs, but sums across rows
+
+
+def test_a_graph_that_holds_the_batch_size_is_exported_per_batch_size():
+    pytest.importorskip("onnxruntime")
+    baked, x = _BakedBatch(), torch.randn(4, 6)
+    wrapped = opt.ExportedModule(baked, "onnxruntime")
+    with torch.inference_mode():
+        for rows in (1, 4, 1, 2):
+            assert torch.allclose(wrapped(x[:rows]), baked(x[:rows]), atol=1e-5)
+    assert wrapped.exported_graphs == 3  # batch 1, 4 and 2; the batch-1 graph is reused
+    symbolic = opt.ExportedModule(torch.nn.Linear(6, 6).eval(), "onnxruntime")
+    with torch.inference_mode():
+        for rows in (1, 4, 2):
+            symbolic(x[:rows])
+    assert symbolic.exported_graphs == 1
 
 
 class _Toy(torch.nn.Module):

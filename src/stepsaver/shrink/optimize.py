@@ -258,6 +258,10 @@ def _only_tensor(out: Any) -> torch.Tensor:
     return values[0]
 
 
+def _arrays(tensors: Sequence[torch.Tensor]) -> list[Any]:
+    return [t.detach().cpu().contiguous().numpy() for t in tensors]
+
+
 def _form(out: Any) -> tuple[Any, ...]:
     if isinstance(out, torch.Tensor):
         return ("tensor",)
@@ -347,6 +351,7 @@ class ExportedModule(_Wrapper):
         self.backend = backend
         self._signature = inspect.signature(inner.forward)
         self._runners: dict[tuple[Any, ...], _Runner] = {}
+        self._per_batch: set[tuple[Any, ...]] = set()  # call structures whose graphs hold the batch size
 
     @property
     def exported_graphs(self) -> int:
@@ -375,12 +380,40 @@ class ExportedModule(_Wrapper):
         key = (tuple((n, k, _frozen(p) if k == "const" else None) for n, k, p in template),
                tuple((n, str(t.dtype), tuple(t.shape[1:]) if d else tuple(t.shape), d)
                      for n, t, d in zip(names, tensors, dynamic, strict=True)))
+        if key in self._per_batch:
+            key = (*key, batch)
         runner = self._runners.get(key)
         if runner is None:
             runner = self._export(template, names, tensors, dynamic)
+            if any(dynamic) and not self._serves_other_batches(runner, template, names, tensors, dynamic):
+                # the graph holds this batch size as a constant: one graph per batch size from now on
+                self._per_batch.add(key)
+                key = (*key, batch)
+                runner = self._export(template, names, tensors, [False] * len(tensors))
             self._runners[key] = runner
-        arrays = [t.detach().cpu().contiguous().numpy() for t in tensors]
-        return _reform(runner.form, torch.from_numpy(runner.run(arrays)))
+        return _reform(runner.form, torch.from_numpy(runner.run(_arrays(tensors))))
+
+    def _serves_other_batches(self, runner: _Runner, template: list, names: list[str], tensors: list[torch.Tensor],
+                              dynamic: list[bool]) -> bool:
+        """Whether the graph exported with a dynamic batch gives eager's answer at another batch size.
+
+        Why: the tracer records some shape arithmetic as constants. diffusers' rotary embedding
+        (``apply_rotary_emb``: ``x.reshape(*x.shape[:-1], -1, 2)``) puts the traced batch size into
+        a Reshape, so Flux's graph traced at batch 1 failed at batch 8 in ONNX Runtime, and a graph
+        that runs but mixes rows would be worse. One eager and one exported call at batch 3 (rows
+        of this call repeated) tell; a graph that fails them is exported once per batch size.
+        """
+        rows = torch.arange(3) % tensors[0].shape[0]
+        probe = [t.detach()[rows] if d else t for t, d in zip(tensors, dynamic, strict=True)]
+        try:
+            with torch.no_grad():
+                want = _only_tensor(self.inner(**_rebuild(template, dict(zip(names, probe, strict=True)))))
+            got = torch.from_numpy(runner.run(_arrays(probe)))
+        except Exception:  # noqa: BLE001 - any failure at batch 3 means the batch is not symbolic
+            return False
+        if got.shape != want.shape or not torch.isfinite(got).all():
+            return False
+        return bool((got - want.float()).abs().max() <= EXPORT_BATCH_ATOL * max(1.0, float(want.abs().max())))
 
     def _export(self, template: list, names: list[str], tensors: list[torch.Tensor], dynamic: list[bool]) -> _Runner:
         with torch.inference_mode(False), torch.no_grad():
@@ -396,6 +429,8 @@ class ExportedModule(_Wrapper):
 
 
 ONNX_OPSET = 17
+# an exported graph run at another batch size must be this close to eager (relative to the output's scale)
+EXPORT_BATCH_ATOL = 1e-3
 
 
 def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
@@ -459,7 +494,9 @@ def _onnxruntime_runner(flat: nn.Module, example: tuple, names: list[str], dynam
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        # fatal only: the batch probe (ExportedModule._serves_other_batches) expects some graphs to fail,
+        # and a failure the caller should see raises anyway
+        options.log_severity_level = 4
         # no busy-waiting between runs: ORT's pool otherwise spins after each call and starves the torch work
         # around it (measured, tiny UNet at 2 threads: an eager call timed right after an ORT call took
         # 94 ms with spinning, 37 ms without, 29-51 ms alone), which also inflated the lever's ratio
