@@ -165,6 +165,24 @@ def test_lossy_lever_is_dropped_for_quality_and_slow_one_for_speed(made_up_lever
     assert result.chosen == ["good"] and result.combination is None
 
 
+def test_a_lossless_precision_too_slow_alone_is_tried_under_the_compiler(made_up_levers, monkeypatch):
+    for lever in (opt.Lever("slow_precision", "lossless, slower alone", "precision", _identity, vae=False),
+                  opt.Lever("lossy_precision", "fast, lossy", "precision", _wrap(_Perturbed), vae=False)):
+        monkeypatch.setitem(opt.LEVERS, lever.name, lever)
+    pipe = helpers.build_sd15()
+    timer = FixedTimer({"slow_precision": 0.020, "good": 0.004, "slow_precision+good": 0.002})
+    result = opt.optimize_pipeline(pipe, PROMPTS[:1], levers="slow_precision,lossy_precision,good", steps=STEPS,
+                                   timer=timer)
+    by = {r["lever"]: r for r in result.levers}
+    assert by["slow_precision"]["status"] == "dropped" and by["lossy_precision"]["status"] == "dropped"
+    assert result.combination["levers"] == ["slow_precision", "good"]  # never the lossy one
+    assert result.combination["status"] == "kept" and result.chosen == ["slow_precision", "good"]
+    # without a kept compiler a precision that lost alone is not tried again
+    result = opt.optimize_pipeline(pipe, PROMPTS[:1], levers="slow_precision,slow", steps=STEPS,
+                                   timer=FixedTimer({"slow_precision": 0.020, "slow": 0.020}))
+    assert result.combination is None and result.chosen == []
+
+
 def test_failing_levers_are_reported_and_skipped_never_fatal(made_up_levers):
     pipe = helpers.build_sd15()
     result = opt.optimize_pipeline(pipe, PROMPTS[:1], levers=["boom", "boom_at_run", "absent", "good"],

@@ -46,8 +46,9 @@ The levers (:data:`LEVERS`):
 
 Levers of one group do not stack (``int8``/``int8_selective``/``bf16`` are three precisions; an
 exported runtime replaces the torch module, so it stacks with nothing); the kept torch levers are
-then tried together (layout, the fastest kept precision, compile) and the combination is kept
-under the same rule. The chosen setting is the kept candidate with the largest speedup. A lever
+then tried together (layout, the fastest kept precision, compile; under compile, a precision that
+kept quality but was too slow alone, see :func:`_stack`) and the combination is kept under the
+same rule. The chosen setting is the kept candidate with the largest speedup. A lever
 that fails to build or run is reported with its error and skipped; it never stops the run.
 
 **What a saved folder is** (:func:`save_optimized`, :func:`load_optimized`): ``optimize.json``
@@ -738,6 +739,33 @@ STACK_ORDER = ("layout", "precision", "graph")
 """How kept torch levers combine: one per group, in this order (compile last, over what it compiles)."""
 
 
+def _stack(kept: dict[str, dict[str, Any]], records: list[dict[str, Any]], psnr_min: float,
+           lpips_max: float) -> list[str]:
+    """The levers to try together: the fastest kept lever of each group of :data:`STACK_ORDER`.
+
+    One exception, when a graph compiler (``compile``) is kept and no precision is: the fastest
+    precision that kept quality but was too slow alone joins the stack. Why: what makes a precision
+    slow in eager mode is mostly per-operator work the compiler removes (bf16's casts around every
+    op, at batch 1 where the matmuls are too small to gain); measured on tiny-flux, bf16 alone was
+    0.88x at batch 1 and 1.23x at batch 8, bf16 under compile about 2x at both. The combination is
+    judged by the same rule as any lever, so this costs one more compilation, never a worse choice.
+    """
+    def fastest(names: list[str], by: dict[str, dict[str, Any]]) -> list[str]:
+        return [max(names, key=lambda n: by[n]["speedup"])] if names else []
+
+    compiled = any(LEVERS[n].group == "graph" for n in kept)
+    stack: list[str] = []
+    for group in STACK_ORDER:
+        in_group = [n for n in kept if LEVERS[n].group == group]
+        if not in_group and group == "precision" and compiled:
+            lossless = {r["lever"]: r for r in records if r["status"] == "dropped" and LEVERS[r["lever"]].group == group
+                        and r["psnr_min"] >= psnr_min and r["lpips_max"] <= lpips_max}
+            stack += fastest(list(lossless), lossless)
+        else:
+            stack += fastest(in_group, kept)
+    return stack
+
+
 def _lever(name: str) -> Lever:
     if name not in LEVERS:
         raise StepsaverError(f"unknown lever {name!r}; the levers are: {', '.join(LEVERS)}")
@@ -1172,11 +1200,7 @@ def _optimize(pipe: Any, prompts: list[str], names: list[str], steps: int, seed:
             vae_use[name] = bool(record.get("vae_applied"))
 
     kept = {r["lever"]: r for r in records if r["status"] == "kept"}
-    stack: list[str] = []
-    for group in STACK_ORDER:
-        in_group = [n for n in kept if LEVERS[n].group == group]
-        if in_group:
-            stack.append(max(in_group, key=lambda n: kept[n]["speedup"]))
+    stack = _stack(kept, records, psnr_min, lpips_max)
     combination = None
     stage("combination")
     if len(stack) >= 2:
